@@ -1,0 +1,3 @@
+from fklip.cli import main
+
+main()
