@@ -1,0 +1,1 @@
+"""ONNX and TensorRT export of fklip checkpoints (`fklip export`). Filled in by issue 5."""

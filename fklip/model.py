@@ -1,0 +1,399 @@
+"""CLIP towers built through open_clip, the tokenizer, and checkpoint loading and saving.
+
+Checkpoints fklip reads (`load_checkpoint` tells them apart by content, never by file name):
+
+- `fklip`: fklip's own, self-describing (`{"fklip": meta, "epoch", "state_dict", ...}`);
+- `original`: the original code's and the PAI checkpoint (`{"epoch", "state_dict"}`, keys
+  prefixed `module.`), and open_clip training checkpoints, which share that shape;
+- `openai-torchscript`: OpenAI's `ViT-B-32.pt` TorchScript archive;
+- `state-dict`: a plain state dict (OpenAI's or open_clip's).
+
+Nothing is unpickled beyond tensors and plain containers (`torch.load(weights_only=True)`);
+a file that needs more is refused unless the caller passes `trust=True` (`--trust-checkpoint`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from fklip.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+TRUNCATIONS = ("original", "openai")
+CHECKPOINT_FORMAT = "fklip-checkpoint"
+CHECKPOINT_VERSION = 1
+FKLIP_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+# The original's spelling of model names. Its configs (and OpenAI's weights) use QuickGELU.
+MODEL_ALIASES = {
+    "ViT-B/32": "ViT-B-32-quickgelu",
+    "ViT-B/16": "ViT-B-16-quickgelu",
+    "ViT-L/14": "ViT-L-14-quickgelu",
+}
+# Keys of OpenAI state dicts that are metadata, not weights.
+_OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+# ---------------------------------------------------------------- model configs and building
+
+
+@functools.cache
+def _register_fklip_configs() -> None:
+    import open_clip
+
+    open_clip.add_model_config(FKLIP_CONFIG_DIR)
+
+
+def list_model_names() -> list[str]:
+    """Every model name `build_model` accepts (open_clip's configs, fklip's, and the aliases)."""
+    import open_clip
+
+    _register_fklip_configs()
+    return sorted(open_clip.list_models()) + sorted(MODEL_ALIASES)
+
+
+def model_config(name: str) -> tuple[str, dict]:
+    """(canonical name, open_clip config dict) for a model name; ConfigError names the flag."""
+    import difflib
+
+    import open_clip
+
+    _register_fklip_configs()
+    canonical = MODEL_ALIASES.get(name, name)
+    cfg = open_clip.get_model_config(canonical) if "/" not in canonical else None
+    if cfg is None:
+        close = difflib.get_close_matches(name, list_model_names(), n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `fklip data models`"
+        raise ConfigError(f"--model: unknown model {name!r}{hint}")
+    return canonical, cfg
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint needs to rebuild its model: the open_clip config and the tokenizer mode."""
+
+    name: str
+    config: dict = field(hash=False)
+    truncation: str = "original"
+
+    def __post_init__(self) -> None:
+        if self.truncation not in TRUNCATIONS:
+            raise ConfigError(f"--truncation: expected one of {', '.join(TRUNCATIONS)}, "
+                              f"got {self.truncation!r}")
+
+    @property
+    def image_size(self) -> int:
+        size = self.config["vision_cfg"].get("image_size", 224)
+        return size if isinstance(size, int) else int(size[0])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config["text_cfg"].get("context_length", 77))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+    @classmethod
+    def from_name(cls, name: str, truncation: str = "original") -> "ModelSpec":
+        canonical, cfg = model_config(name)
+        return cls(canonical, cfg, truncation)
+
+
+def _model_class(cfg: dict):
+    """The open_clip class for a config: an explicit table, never a guess from the name."""
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    if "hf_model_name" in cfg.get("text_cfg", {}):
+        raise ConfigError("--model: configs with a Hugging Face text tower need downloads; "
+                          "fklip supports CLIP-style text towers")
+    return {False: CLIP, True: CustomTextCLIP}[bool(cfg.get("custom_text", False))]
+
+
+def build_model(spec: ModelSpec):
+    """A randomly initialised open_clip model in fp32 and eval mode (load weights afterwards)."""
+    cfg = copy.deepcopy(spec.config)
+    cls = _model_class(cfg)
+    cfg.pop("custom_text", None)
+    cfg.pop("multimodal_cfg", None)
+    model = cls(**cfg)
+    return model.eval()
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+class Tokenizer:
+    """open_clip's byte-level BPE (the real vocabulary it ships) with the original's truncation.
+
+    `truncation="original"` keeps the first `context_length` tokens of an over-long text and
+    inserts no end-of-text token, as the original code does; the text feature is then pooled at
+    the largest token id in the window. `truncation="openai"` forces the last token to
+    end-of-text, as OpenAI's tokenizer does.
+    """
+
+    def __init__(self, truncation: str = "original", context_length: int = 77):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        if truncation not in TRUNCATIONS:
+            raise ConfigError(f"--truncation: expected one of {', '.join(TRUNCATIONS)}, "
+                              f"got {truncation!r}")
+        self.truncation = truncation
+        self.context_length = context_length
+        self._bpe = SimpleTokenizer(context_length=context_length)
+        self.sot_id = self._bpe.sot_token_id
+        self.eot_id = self._bpe.eot_token_id
+        self.encode = functools.lru_cache(maxsize=65536)(self._encode)
+
+    def _encode(self, text: str) -> tuple[int, ...]:
+        """[SOT] + BPE + [EOT], truncated to the context length by the chosen rule."""
+        tokens = [self.sot_id, *self._bpe.encode(text), self.eot_id]
+        if len(tokens) > self.context_length:
+            tokens = tokens[: self.context_length]
+            if self.truncation == "openai":
+                tokens[-1] = self.eot_id
+        return tuple(tokens)
+
+    def __call__(self, texts: str | Sequence[str]):
+        """(B, context_length) int64 token ids, zero-padded."""
+        import torch
+
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = self.encode(text)
+            out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return out
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self._bpe.decode([t for t in tokens if t not in (0, self.sot_id, self.eot_id)])
+
+
+def build_tokenizer(spec: ModelSpec) -> Tokenizer:
+    return Tokenizer(spec.truncation, spec.context_length)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model with its weights, its spec, and what else the file held."""
+
+    model: Any
+    spec: ModelSpec
+    source_format: str
+    path: Path
+    epoch: int | None = None
+    meta: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # optimizer, scaler, ... (fklip training checkpoints)
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _read_file(path: Path, trust: bool) -> tuple[str, Any]:
+    """(kind, object): ("torchscript", state_dict) or ("pickle", loaded object)."""
+    import torch
+
+    if _is_torchscript(path):
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: unreadable TorchScript archive ({e})") from None
+        return "torchscript", dict(module.state_dict())
+    try:
+        return "pickle", torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # Only an "Unsupported global" means a well-formed pickle that needs more than tensors.
+        found = [ln.split("Unsupported global:")[-1].split(" was not")[0].strip()
+                 for ln in str(e).splitlines() if "Unsupported global:" in ln]
+        if not found:
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable pickle)") from None
+        if not trust:
+            raise CheckpointError(
+                f"{path}: the checkpoint holds Python objects beyond tensors ({found[0][:120]}); "
+                "loading it could run code. Pass --trust-checkpoint only if you trust the file"
+            ) from None
+    except Exception as e:  # torch.load raises many types (KeyError, RuntimeError...) on non-checkpoints
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+    try:
+        return "pickle", torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # arbitrary unpickling: report whatever it raised as one line
+        raise CheckpointError(f"{path}: could not load the checkpoint ({str(e)[:200]})") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _clean_state_dict(state_dict: dict) -> dict:
+    """Drop DDP's `module.` prefix and OpenAI's metadata entries."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if key not in _OPENAI_META_KEYS:
+            out[key] = value
+    return out
+
+
+def config_from_state_dict(state_dict: dict) -> dict:
+    """Infer an open_clip config (QuickGELU, OpenAI layout) from tensor shapes, as clip.build_model."""
+    try:
+        vision_width, _, patch, _ = state_dict["visual.conv1.weight"].shape
+        grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision_layers = len({k.split(".")[3] for k in state_dict
+                             if k.startswith("visual.transformer.resblocks.")})
+        text_width = state_dict["ln_final.weight"].shape[0]
+        text_layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
+        return {
+            "embed_dim": int(state_dict["text_projection"].shape[1]),
+            "quick_gelu": True,
+            "vision_cfg": {"image_size": int(patch * grid), "layers": vision_layers,
+                           "width": int(vision_width), "head_width": 64, "patch_size": int(patch)},
+            "text_cfg": {"context_length": int(state_dict["positional_embedding"].shape[0]),
+                         "vocab_size": int(state_dict["token_embedding.weight"].shape[0]),
+                         "width": int(text_width), "heads": int(text_width) // 64,
+                         "layers": text_layers},
+        }
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"cannot infer a ViT CLIP architecture from the weights (no {e}); "
+                              "pass --model with the architecture's name") from None
+
+
+def _load_weights(model, state_dict: dict, path: Path, model_name: str) -> None:
+    """Strict load that lists every missing, unexpected and mis-shaped key before failing."""
+    own = model.state_dict()
+    # Traced archives also store non-persistent buffers (the causal mask); they are not weights.
+    derived = {name for name, _ in model.named_buffers()} - set(own)
+    state_dict = {k: v for k, v in state_dict.items() if k not in derived}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected),
+                             ("shape mismatch", shapes)):
+            if items:
+                more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
+                parts.append(f"{len(items)} {label}: {', '.join(items[:4])}{more}")
+        raise CheckpointError(f"{path}: weights do not fit model {model_name}: " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None,
+                    truncation: str | None = None, trust: bool = False) -> Checkpoint:
+    """Load any supported checkpoint into a fresh fp32 model on the CPU.
+
+    The architecture comes from the checkpoint's own description (fklip), else from `model_name`,
+    else from the tensor shapes (OpenAI layout, QuickGELU). `truncation` overrides the tokenizer
+    mode; checkpoints that do not record one get the original's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    kind, obj = _read_file(path, trust)
+    meta: dict = {}
+    extra: dict = {}
+    epoch = None
+    if kind == "torchscript":
+        source, state_dict = "openai-torchscript", obj
+    elif isinstance(obj, dict) and isinstance(obj.get("fklip"), dict):
+        source, meta = "fklip", obj["fklip"]
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version", 0) > CHECKPOINT_VERSION:
+            raise CheckpointError(f"{path}: fklip checkpoint format {meta.get('format')!r} version "
+                                  f"{meta.get('version')!r} is newer than this fklip reads "
+                                  f"({CHECKPOINT_VERSION}); upgrade fklip")
+        state_dict, epoch = obj["state_dict"], obj.get("epoch")
+        extra = {k: v for k, v in obj.items() if k not in ("fklip", "state_dict", "epoch")}
+    elif isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):
+        source, state_dict, epoch = "original", obj["state_dict"], obj.get("epoch")
+    elif _is_state_dict(obj):
+        source, state_dict = "state-dict", obj
+    else:
+        raise CheckpointError(f"{path}: not a CLIP checkpoint: expected a state dict, a "
+                              '{"epoch", "state_dict"} dict, an fklip checkpoint or a TorchScript archive')
+    state_dict = _clean_state_dict(state_dict)
+
+    if meta:
+        spec = ModelSpec(meta["model_name"], meta["model_config"], meta.get("truncation", "original"))
+        if model_name is not None and MODEL_ALIASES.get(model_name, model_name) != spec.name:
+            logger.warning("%s records model %s; ignoring --model %s", path, spec.name, model_name)
+    elif model_name is not None:
+        spec = ModelSpec.from_name(model_name)
+    else:
+        spec = ModelSpec("inferred-from-weights", config_from_state_dict(state_dict))
+    if truncation is not None:
+        spec = ModelSpec(spec.name, spec.config, truncation)
+
+    model = build_model(spec)
+    _load_weights(model, state_dict, path, spec.name)
+    logger.info("loaded %s checkpoint %s (model %s, truncation %s)", source, path, spec.name,
+                spec.truncation)
+    return Checkpoint(model, spec, source, path, epoch if isinstance(epoch, int) else None, meta, extra)
+
+
+def checkpoint_meta(spec: ModelSpec) -> dict:
+    """The self-description stored in every fklip checkpoint."""
+    import open_clip
+    import torch
+
+    from fklip import __version__
+
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model_name": spec.name,
+        "model_config": json.loads(json.dumps(spec.config)),
+        "truncation": spec.truncation,
+        "fklip_version": __version__,
+        "torch_version": str(torch.__version__),
+        "open_clip_version": str(open_clip.__version__),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, model, spec: ModelSpec, *, epoch: int = 0,
+                    name: str | None = None, extra: dict | None = None) -> None:
+    """Write an fklip checkpoint atomically.
+
+    It also carries the original's `epoch` and `state_dict` (keys prefixed `module.`, as the
+    original's DDP checkpoints), so the original's scripts can read it too.
+    """
+    import torch
+
+    from fklip.io import atomic_output
+
+    state_dict = {f"module.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    obj = {"fklip": checkpoint_meta(spec), "epoch": int(epoch), "name": name or spec.name,
+           "state_dict": state_dict, **(extra or {})}
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)

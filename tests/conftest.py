@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models built once per session, small generated files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    from fklip.model import ModelSpec
+
+    return ModelSpec.from_name("fklip-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_spec):
+    import torch
+
+    from fklip.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_spec)
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    """Write JSON lines; str items are written verbatim (to build malformed files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return path
+
+
+def run_fklip(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would (`python -m fklip`), capturing output."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "fklip", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)

@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fklip.cli import PENDING, cli
+from tests.conftest import run_fklip, write_lines
+
+COMMANDS = ["train", "export", "extract", "predict", "eval", "bench", "data", "demo"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    listed = [line.split()[0] for line in result.output.split("Commands:")[1].strip().splitlines()]
+    assert sorted(listed) == sorted(COMMANDS)
+    for name in COMMANDS + ["data demo", "data inspect", "data models"]:
+        sub = invoke(*name.split(), "--help")
+        assert sub.exit_code == 0 and "Usage:" in sub.output, name
+
+
+@pytest.mark.parametrize("name", sorted(PENDING))
+def test_pending_commands_say_so_and_exit_3(name):
+    result = CliRunner().invoke(cli, [name, "--model", "ViT-B-32"])
+    assert result.exit_code == 3
+    assert f"`fklip {name}`" in result.output and "not available" in result.output
+    assert f"issue {PENDING[name][1]}" in result.output
+
+
+def test_python_dash_m_is_the_same_cli():
+    result = run_fklip("--version")
+    assert result.returncode == 0 and "fklip, version" in result.stdout
+    result = run_fklip("train")
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+
+
+def test_data_demo_and_inspect(tmp_path):
+    out = tmp_path / "d"
+    result = invoke("data", "demo", "--out", str(out), "--train", "12", "--val", "6", "--kb", "10",
+                    "--size", "32", "--encoding", "uint8_hwc")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "demo.json").read_text())
+    assert manifest["config"]["size"] == 32 and manifest["config"]["encoding"] == "uint8_hwc"
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "demo.json")
+    assert len(files) == 10
+    result = invoke("data", "inspect", *map(str, files))
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "image archive" in text and "uint8_hwc, 32x32" in text
+    for what in ("concept fathers", "train queries with phrases", "concept queries", "val queries",
+                 "val images"):
+        assert what in text
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path):
+    bad_json = write_lines(tmp_path / "q.jsonl", [{"query_id": 1, "query_text": "x", "item_ids": []},
+                                                  "{oops"])
+    arr = tmp_path / "a.npz"
+    np.savez(arr, good=np.zeros((3, 8, 8), np.float32), bad=np.zeros((3, 8), np.float32))
+    junk = tmp_path / "c.pt"
+    junk.write_bytes(b"\x00" * 10)
+    unknown = write_lines(tmp_path / "u.jsonl", [{"foo": 1}])
+    cases = [
+        (["data", "inspect", str(bad_json)], "q.jsonl, line 2: malformed JSON"),
+        (["data", "inspect", str(arr)], "key 'bad'"),
+        (["data", "inspect", str(junk)], "not a PyTorch checkpoint"),
+        (["data", "inspect", str(unknown)], "cannot tell the format"),
+        (["data", "inspect", str(tmp_path / "none.npz")], "no such file"),
+        (["data", "demo", "--out", str(tmp_path / "x"), "--size", "3"], "--size"),
+        (["demo", "--out", str(tmp_path / "y"), "--batch-size", "0"], "--batch-size"),
+        (["demo", "--out", str(tmp_path / "y"), "--device", "tpu"], "--device"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["demo", "--out", str(tmp_path / "y"), "--device", "cuda"], "no CUDA device"))
+    for args, expected in cases:
+        result = run_fklip(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fklip: error: "), result.stderr
+        assert expected in lines[0], (expected, lines[0])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing half-written
+
+
+def test_inspect_checkpoint_and_trust_flag(tmp_path, tiny_model, tiny_spec):
+    from fklip.model import save_checkpoint
+
+    save_checkpoint(tmp_path / "m.pt", tiny_model, tiny_spec, epoch=2)
+    result = invoke("data", "inspect", str(tmp_path / "m.pt"))
+    assert result.exit_code == 0
+    assert "fklip checkpoint, model fklip-tiny" in result.output and "epoch 2" in result.output
+    torch.save({"epoch": 1, "state_dict": tiny_model.state_dict(), "args": np.dtype("float32").type},
+               tmp_path / "p.pt")
+    refused = run_fklip("data", "inspect", str(tmp_path / "p.pt"))
+    assert refused.returncode == 2 and "--trust-checkpoint" in refused.stderr
+    trusted = run_fklip("data", "inspect", "--trust-checkpoint", str(tmp_path / "p.pt"))
+    assert trusted.returncode == 0 and "original checkpoint" in trusted.stdout
+
+
+def test_models_lists_tiny_and_aliases():
+    result = invoke("data", "models")
+    names = result.output.split()
+    assert {"fklip-tiny", "ViT-B-32", "ViT-B-32-quickgelu", "ViT-L-14", "ViT-B/32"} <= set(names)

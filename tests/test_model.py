@@ -1,0 +1,193 @@
+import collections
+import dataclasses
+
+import pytest
+import torch
+
+from fklip.errors import CheckpointError, ConfigError
+from fklip.model import (MODEL_ALIASES, ModelSpec, Tokenizer, build_model, build_tokenizer,
+                         config_from_state_dict, load_checkpoint, save_checkpoint)
+
+LONG = "oversized wool coat in charcoal grey " * 20  # far more than 75 BPE tokens
+
+
+@dataclasses.dataclass
+class NotATensor:  # a class torch's weights-only unpickler refuses
+    x: int = 1
+
+
+def _features(model, tokens=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = model.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    images = torch.randn(3, 3, size, size, generator=g)
+    if tokens is None:
+        tokens = Tokenizer()(["a photo of a red dress", "navy coat", LONG])
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tokens)
+
+
+def test_tiny_model_is_registered_and_small(tiny_spec, tiny_model):
+    assert tiny_spec.name == "fklip-tiny" and tiny_spec.image_size == 64 and tiny_spec.embed_dim == 64
+    n = sum(p.numel() for p in tiny_model.parameters())
+    assert n < 10_000_000
+    image_emb, text_emb = _features(tiny_model)
+    assert image_emb.shape == (3, 64) and text_emb.shape == (3, 64)
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16", "ViT-L-14"])
+def test_open_clip_names_resolve(name):
+    spec = ModelSpec.from_name(name)
+    assert spec.config["embed_dim"] in (512, 768)
+
+
+def test_aliases_and_unknown_names():
+    assert ModelSpec.from_name("ViT-B/32").name == MODEL_ALIASES["ViT-B/32"] == "ViT-B-32-quickgelu"
+    assert ModelSpec.from_name("ViT-B/32").config["quick_gelu"] is True
+    with pytest.raises(ConfigError, match=r"--model: unknown model 'ViT-B-33'; did you mean ViT-B-32"):
+        ModelSpec.from_name("ViT-B-33")
+    with pytest.raises(ConfigError, match="--truncation"):
+        ModelSpec("fklip-tiny", {}, "middle")
+
+
+def test_tokenizer_truncation_modes():
+    original, openai = Tokenizer("original"), Tokenizer("openai")
+    short = original(["a photo of short sleeve t-shirt"])[0]
+    assert short[0] == 49406 and 49407 in short.tolist() and short[-1] == 0
+    assert torch.equal(short, openai(["a photo of short sleeve t-shirt"])[0])
+    a, b = original([LONG])[0], openai([LONG])[0]
+    assert a.shape == b.shape == (77,)
+    assert 49407 not in a.tolist()  # the original keeps the first 77 tokens, no end-of-text
+    assert b[-1] == 49407 and torch.equal(a[:-1], b[:-1])
+    # matches open_clip's own tokenizer, which is OpenAI-style
+    import open_clip
+
+    assert torch.equal(b, open_clip.tokenize([LONG])[0])
+    assert original.decode(original(["a red dress"])[0].tolist()).strip() == "a red dress"
+    # cleaning as the original: ftfy, html unescape, whitespace, lower case
+    assert torch.equal(original(["A  Photo &amp; X"]), original(["a photo & x"]))
+
+
+def test_original_truncation_pools_at_largest_id(tiny_model):
+    """Without an EOT token the text feature comes from the position of the largest token id."""
+    tokens = Tokenizer("original")([LONG])
+    with torch.no_grad():
+        x = tiny_model.encode_text(tokens)
+    assert torch.isfinite(x).all()
+    assert int(tokens[0].argmax()) != 76 or int(tokens[0, 76]) == int(tokens[0].max())
+
+
+def test_fklip_checkpoint_round_trip(tmp_path, tiny_spec, tiny_model):
+    spec = ModelSpec(tiny_spec.name, tiny_spec.config, "openai")
+    path = tmp_path / "ckpt" / "epoch_3.pt"
+    save_checkpoint(path, tiny_model, spec, epoch=3, extra={"optimizer": {"lr": 1e-5}})
+    assert [p.name for p in path.parent.iterdir()] == ["epoch_3.pt"]  # no temporary left behind
+    raw = torch.load(path, weights_only=True)
+    assert raw["epoch"] == 3 and all(k.startswith("module.") for k in raw["state_dict"])
+    ckpt = load_checkpoint(path)
+    assert ckpt.source_format == "fklip" and ckpt.epoch == 3
+    assert ckpt.spec.name == "fklip-tiny" and ckpt.spec.truncation == "openai"
+    assert ckpt.extra["optimizer"] == {"lr": 1e-5}
+    for a, b in zip(_features(tiny_model), _features(ckpt.model)):
+        assert torch.equal(a, b)
+
+
+def test_original_pai_checkpoint(tmp_path, tiny_model):
+    sd = {f"module.{k}": v for k, v in tiny_model.state_dict().items()}
+    torch.save({"epoch": 7, "name": "pai-clip", "state_dict": sd}, tmp_path / "pai.pt")
+    ckpt = load_checkpoint(tmp_path / "pai.pt")
+    assert ckpt.source_format == "original" and ckpt.epoch == 7
+    assert ckpt.spec.truncation == "original"  # checkpoints from the original code
+    assert ckpt.spec.config["vision_cfg"]["patch_size"] == 16
+    for a, b in zip(_features(tiny_model), _features(ckpt.model)):
+        assert torch.equal(a, b)
+    # the same file with an explicit architecture
+    assert load_checkpoint(tmp_path / "pai.pt", model_name="fklip-tiny").spec.name == "fklip-tiny"
+
+
+def test_plain_open_clip_and_openai_state_dicts(tmp_path, tiny_model):
+    torch.save(tiny_model.state_dict(), tmp_path / "open_clip.pt")
+    openai_sd = dict(tiny_model.state_dict())
+    openai_sd.update(input_resolution=torch.tensor(64), context_length=torch.tensor(77),
+                     vocab_size=torch.tensor(49408))
+    openai_sd = {k: (v.half() if v.is_floating_point() else v) for k, v in openai_sd.items()}
+    torch.save(openai_sd, tmp_path / "openai.pt")
+    a = load_checkpoint(tmp_path / "open_clip.pt")
+    b = load_checkpoint(tmp_path / "openai.pt")
+    assert a.source_format == b.source_format == "state-dict"
+    assert next(b.model.parameters()).dtype == torch.float32  # fp16 weights loaded into fp32
+    ia, ta = _features(tiny_model)
+    ib, tb = _features(b.model)
+    torch.testing.assert_close(ib, ia, atol=2e-2, rtol=0)
+    torch.testing.assert_close(tb, ta, atol=2e-2, rtol=0)
+
+
+def test_openai_torchscript_archive(tmp_path, tiny_model):
+    tokens = Tokenizer()(["a red dress"])
+    traced = torch.jit.trace(tiny_model, (torch.randn(1, 3, 64, 64), tokens), strict=False,
+                             check_trace=False)
+    traced.save(str(tmp_path / "ViT-tiny.pt"))
+    ckpt = load_checkpoint(tmp_path / "ViT-tiny.pt")
+    assert ckpt.source_format == "openai-torchscript"
+    for a, b in zip(_features(tiny_model), _features(ckpt.model)):
+        assert torch.equal(a, b)
+
+
+def test_vit_b_32_shapes_are_inferred(tmp_path):
+    spec = ModelSpec.from_name("ViT-B-32-quickgelu")
+    model = build_model(spec)
+    inferred = config_from_state_dict(model.state_dict())
+    assert inferred["vision_cfg"] == {"image_size": 224, "layers": 12, "width": 768, "head_width": 64,
+                                      "patch_size": 32}
+    assert inferred["text_cfg"]["heads"] == 8 and inferred["text_cfg"]["layers"] == 12
+    assert inferred["embed_dim"] == 512
+
+
+def test_wrong_architecture_lists_keys_and_shapes(tmp_path, tiny_model):
+    torch.save({"epoch": 1, "state_dict": tiny_model.state_dict()}, tmp_path / "t.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "t.pt", model_name="ViT-B-32")
+    msg = str(e.value)
+    assert "weights do not fit model ViT-B-32" in msg
+    assert "missing: visual.transformer.resblocks.2." in msg
+    assert "shape mismatch: positional_embedding (77, 128) vs model (77, 512)" in msg
+    sd = dict(tiny_model.state_dict())
+    sd["extra.weight"] = torch.zeros(1)
+    del sd["ln_final.bias"]
+    torch.save(sd, tmp_path / "u.pt")
+    with pytest.raises(CheckpointError, match=r"1 missing: ln_final\.bias; 1 unexpected: extra\.weight"):
+        load_checkpoint(tmp_path / "u.pt", model_name="fklip-tiny")
+
+
+def test_pickled_code_is_refused_unless_trusted(tmp_path, tiny_model):
+    sd = collections.OrderedDict(tiny_model.state_dict())
+    torch.save({"epoch": 1, "state_dict": sd, "args": NotATensor()}, tmp_path / "p.pt")
+    with pytest.raises(CheckpointError, match="--trust-checkpoint") as e:
+        load_checkpoint(tmp_path / "p.pt")
+    assert "NotATensor" in str(e.value)
+    assert load_checkpoint(tmp_path / "p.pt", trust=True).source_format == "original"
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "none.pt")
+    torch.save({"weights": [1, 2]}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a CLIP checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_newer_fklip_format_is_refused(tmp_path, tiny_model, tiny_spec):
+    save_checkpoint(tmp_path / "c.pt", tiny_model, tiny_spec)
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)
+    raw["fklip"]["version"] = 99
+    torch.save(raw, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="upgrade fklip"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_build_tokenizer_follows_spec(tiny_spec):
+    tok = build_tokenizer(ModelSpec(tiny_spec.name, tiny_spec.config, "openai"))
+    assert tok.truncation == "openai" and tok.context_length == 77

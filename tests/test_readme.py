@@ -1,0 +1,86 @@
+"""The README's commands: the cheap ones run as written, every flag of the others must exist."""
+
+import re
+import shlex
+import subprocess
+
+import click
+import pytest
+
+from fklip.cli import cli
+from tests.conftest import ROOT, run_fklip
+
+README = (ROOT / "README.md").read_text()
+# Commands run for real, in order, in one folder (later examples read what earlier ones wrote).
+CHEAP = ("data demo", "data inspect", "data models", "demo")
+
+
+def readme_blocks(lang: str = "sh") -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def readme_commands(prefix: str) -> list[list[str]]:
+    out = []
+    for block in readme_blocks():
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith(prefix):
+                out.append(shlex.split(line))
+    return out
+
+
+def resolve(argv: list[str]) -> tuple[click.Command, list[str], str]:
+    """The click command an argv names, the remaining args, and its path ("data demo")."""
+    command, path, rest = cli, [], argv[1:]
+    while isinstance(command, click.Group) and rest and rest[0] in command.commands:
+        path.append(rest[0])
+        command, rest = command.commands[rest[0]], rest[1:]
+    return command, rest, " ".join(path)
+
+
+def test_quick_start_comes_first_and_matches_ci():
+    first = readme_blocks()[0].splitlines()
+    assert [line.split("#")[0].strip() for line in first] == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    assert README.index("## Quick start") < README.index("## What fklip is")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh\n" in ci
+
+
+def test_every_readme_flag_exists():
+    commands = readme_commands("fklip")
+    assert len(commands) >= 4
+    for argv in commands:
+        command, rest, path = resolve(argv)
+        assert path, f"README command {argv} names no fklip command"
+        known = {opt for p in command.params for opt in p.opts + p.secondary_opts}
+        for token in rest:
+            if token.startswith("--"):
+                assert token.split("=")[0] in known, f"README uses {token} but `fklip {path}` lacks it"
+
+
+def test_cheap_readme_commands_run(tmp_path):
+    ran = []
+    for argv in readme_commands("fklip"):
+        _, _, path = resolve(argv)
+        if path not in CHEAP:
+            continue
+        result = run_fklip(*argv[1:], cwd=tmp_path)
+        assert result.returncode == 0, (argv, result.stderr[-2000:])
+        ran.append(path)
+    assert set(ran) == set(CHEAP)
+    assert (tmp_path / "fklip-demo" / "eval" / "metrics.json").is_file()
+
+
+def test_readme_layout_matches_demo_output(tmp_path):
+    block = next(b for b in readme_blocks("text") if b.startswith("demo-data/"))
+    listed = {line.split()[0] for line in block.splitlines()[1:] if line.strip()}
+    from fklip.data.demo import demo_paths
+
+    paths = demo_paths(tmp_path, 64)
+    actual = {str(p.relative_to(tmp_path)) for p in [*paths.files().values(), paths.manifest]}
+    assert listed == actual
+
+
+@pytest.mark.parametrize("script", ["scripts/demo.sh", "scripts/test.sh"])
+def test_setup_scripts_are_valid_bash(script):
+    assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
