@@ -19,9 +19,6 @@ from fklip.errors import FklipError, NotAvailableError
 PENDING = {
     "train": ("knowledge-injected FashionKLIP training on CPU, one GPU or many", 4),
     "export": ("ONNX and TensorRT export with a parity check", 5),
-    "extract": ("image and text feature extraction in the original's file formats", 3),
-    "predict": ("exact top-k prediction and recall scores from feature files", 3),
-    "eval": ("checkpoint to recall metrics in one command", 3),
     "bench": ("throughput benchmarks against open_clip", 6),
 }
 
@@ -117,6 +114,159 @@ def data_models() -> None:
 
     for name in list_model_names():
         click.echo(name)
+
+
+# ---------------------------------------------------------------- extract, predict, eval
+
+
+def _encode_options(f):
+    """Flags shared by the commands that run a checkpoint (the original's names where it had them)."""
+    options = [
+        click.option("--resume", "checkpoint", type=click.Path(path_type=Path), required=True,
+                     help="Checkpoint: fklip, the original's/PAI, OpenAI ViT-B-32.pt, or a state dict."),
+        click.option("--model", default=None,
+                     help="Architecture for checkpoints that do not record one (see `fklip data models`)."),
+        click.option("--img-batch-size", "image_batch_size", type=int, default=256, show_default=True),
+        click.option("--text-batch-size", type=int, default=256, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(["fp32", "amp", "bf16", "fp16"]), default="fp32",
+                     show_default=True, help="fp32 is the original's; amp autocasts (fp16 on CUDA, bf16 on CPU)."),
+        click.option("--truncation", type=click.Choice(["original", "openai"]), default=None,
+                     help="Override the checkpoint's tokenizer truncation."),
+        click.option("--trust-checkpoint", is_flag=True,
+                     help="Allow checkpoints that hold Python objects beyond tensors (runs their pickled code)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _encode_config(checkpoint, model, image_batch_size, text_batch_size, device, precision, truncation,
+                   trust_checkpoint):
+    from fklip.config import EncodeConfig
+
+    return EncodeConfig(checkpoint=checkpoint, model=model, trust_checkpoint=trust_checkpoint,
+                        truncation=truncation, device=device, precision=precision,
+                        image_batch_size=image_batch_size, text_batch_size=text_batch_size)
+
+
+@cli.command()
+@click.option("--extract-image-feats", is_flag=True, help="Extract image features from --image-data.")
+@click.option("--extract-text-feats", is_flag=True, help="Extract text features from --text-data.")
+@click.option("--image-data", type=click.Path(path_type=Path), help="Image archive (.npz).")
+@click.option("--text-data", type=click.Path(path_type=Path), help="Queries (JSON lines with query_id, query_text).")
+@click.option("--image-feat-output-path", type=click.Path(path_type=Path),
+              help="Default: the image path minus '.npz' plus '.img_feat.jsonl' (as the original).")
+@click.option("--text-feat-output-path", type=click.Path(path_type=Path),
+              help="Default: the text path minus '.jsonl' plus '.txt_feat.jsonl' (as the original).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "npy"]), default="jsonl", show_default=True,
+              help="jsonl: the original's files; npy: a memory-mappable matrix plus <name>.ids.jsonl.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Matrix dtype of --format npy.")
+@_encode_options
+def extract(extract_image_feats, extract_text_feats, image_data, text_data, image_feat_output_path,
+            text_feat_output_path, fmt, dtype, **encode) -> None:
+    """Encode images and captions into feature files (the original's eval/extract_features.py)."""
+    from fklip.config import ExtractConfig
+    from fklip.errors import ConfigError
+    from fklip.extract import run_extract
+
+    for flag, wanted, data, data_flag in (("--extract-image-feats", extract_image_feats, image_data, "--image-data"),
+                                          ("--extract-text-feats", extract_text_feats, text_data, "--text-data")):
+        if wanted and data is None:
+            raise ConfigError(f"{flag} needs {data_flag}")
+        if data is not None and not wanted:
+            raise ConfigError(f"{data_flag} is given but {flag} is not; pass {flag} to extract it")
+    cfg = ExtractConfig(encode=_encode_config(**encode), image_data=image_data, text_data=text_data,
+                        image_output=image_feat_output_path, text_output=text_feat_output_path,
+                        fmt=fmt, dtype=dtype)
+    for item in run_extract(cfg):
+        click.echo(f"{item['kind']} features: {item['count']} rows -> {', '.join(item['files'])}")
+
+
+def _search_options(f):
+    options = [
+        click.option("--top-k", type=int, default=10, show_default=True, help="Predictions kept per query."),
+        click.option("--eval-batch-size", "gallery_chunk", type=int, default=32768, show_default=True,
+                     help="Gallery rows per matrix product (memory only; results do not depend on it)."),
+        click.option("--query-chunk", type=int, default=4096, show_default=True,
+                     help="Queries per matrix product (memory only)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _echo_recalls(summary: dict) -> None:
+    for name in ("text_to_image", "image_to_text"):
+        if name in summary:
+            r = summary[name]
+            click.echo(f"{name.replace('_', ' '):<14} R@1 {r['r1']:6.2f}  R@5 {r['r5']:6.2f}  "
+                       f"R@10 {r['r10']:6.2f}  mean {r['mean_recall']:6.2f}  ({r['queries']} queries)")
+
+
+@cli.command()
+@click.option("--image-feats", type=click.Path(path_type=Path), required=True,
+              help="Image features: the original's JSON lines, or fklip's .npy form.")
+@click.option("--text-feats", type=click.Path(path_type=Path), required=True,
+              help="Text features: the original's JSON lines, or fklip's .npy form.")
+@click.option("--output-images", type=click.Path(path_type=Path), help="Image-to-text predictions (JSON lines).")
+@click.option("--output-texts", type=click.Path(path_type=Path), help="Text-to-image predictions (JSON lines).")
+@click.option("--text-standard-path", type=click.Path(path_type=Path),
+              help="Text-to-image gold: the val queries file.")
+@click.option("--image-standard-path", type=click.Path(path_type=Path),
+              help="Image-to-text gold: the val images file.")
+@click.option("--text-out-path", type=click.Path(path_type=Path), help="Text-to-image score JSON.")
+@click.option("--image-out-path", type=click.Path(path_type=Path), help="Image-to-text score JSON.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@_search_options
+def predict(image_feats, text_feats, output_images, output_texts, text_standard_path, image_standard_path,
+            text_out_path, image_out_path, device, top_k, gallery_chunk, query_chunk) -> None:
+    """Exact top-k predictions and recall scores from feature files (the original's eval/predict_evaluate.py)."""
+    from fklip.config import PredictConfig, SearchConfig, check_device
+    from fklip.evaluate import run_predict
+
+    search = SearchConfig(top_k=top_k, query_chunk=query_chunk, gallery_chunk=gallery_chunk,
+                          device=check_device(device))
+    cfg = PredictConfig(image_feats=image_feats, text_feats=text_feats, search=search,
+                        output_images=output_images, output_texts=output_texts,
+                        text_standard_path=text_standard_path, image_standard_path=image_standard_path,
+                        text_out_path=text_out_path, image_out_path=image_out_path)
+    _echo_recalls(run_predict(cfg))
+
+
+@cli.command("eval")
+@click.option("--image-data", type=click.Path(path_type=Path), required=True, help="Validation image archive (.npz).")
+@click.option("--text-data", type=click.Path(path_type=Path), required=True,
+              help="Validation queries (query_id, query_text, item_ids): the captions and the text-to-image gold.")
+@click.option("--image-standard-path", type=click.Path(path_type=Path),
+              help="Image-to-text gold; derived from the queries' item_ids when absent.")
+@click.option("--output-dir", type=click.Path(path_type=Path), required=True,
+              help="Where predictions, scores and metrics.json go.")
+@click.option("--save-features", type=click.Choice(["none", "jsonl", "npy"]), default="none", show_default=True,
+              help="Also write the features, for `fklip predict`.")
+@_encode_options
+@_search_options
+def eval_command(image_data, text_data, image_standard_path, output_dir, save_features, top_k, gallery_chunk,
+                 query_chunk, **encode) -> None:
+    """Checkpoint and raw validation files to predictions, scores and metrics, in one command.
+
+    Under torchrun, encoding and search are sharded across the processes and merged exactly.
+    """
+    from fklip.config import EvalConfig, SearchConfig
+    from fklip.eval_pipeline import run_eval
+
+    enc = _encode_config(**encode)
+    search = SearchConfig(top_k=top_k, query_chunk=query_chunk, gallery_chunk=gallery_chunk, device=enc.device)
+    cfg = EvalConfig(encode=enc, search=search, image_data=image_data, text_data=text_data,
+                     output_dir=output_dir, image_standard_path=image_standard_path,
+                     save_features=save_features)
+    metrics = run_eval(cfg)
+    if metrics is not None:
+        _echo_recalls(metrics)
+        t = metrics["timings_s"]
+        click.echo(f"load {t['load']:.1f}s, encode {t['encode']:.1f}s, search {t['search']:.1f}s, "
+                   f"total {t['total']:.1f}s; wrote {output_dir}")
 
 
 # ---------------------------------------------------------------- fklip demo

@@ -52,3 +52,128 @@ class DemoConfig:
     @property
     def data_dir(self) -> Path:
         return self.out / "data"
+
+
+PRECISIONS = ("fp32", "amp", "bf16", "fp16")
+
+
+def check_precision(precision: str, device: str, flag: str = "--precision") -> str:
+    """fp32; amp (autocast: fp16 on CUDA, bf16 on CPU); bf16 or fp16 weights (fp16 needs CUDA)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{flag}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise ConfigError(f"{flag} fp16 needs a CUDA device (fp16 matrix products are not supported "
+                          "well on the CPU); use bf16 or amp with --device cpu")
+    return precision
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """How to run the model: shared by extract and eval."""
+
+    checkpoint: Path
+    model: str | None = None
+    trust_checkpoint: bool = False
+    truncation: str | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    image_batch_size: int = 256
+    text_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        check_precision(self.precision, self.device)
+        check_positive(self.image_batch_size, "--img-batch-size")
+        check_positive(self.text_batch_size, "--text-batch-size")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """`fklip extract`: the flags of the original eval/extract_features.py, plus output format."""
+
+    encode: EncodeConfig
+    image_data: Path | None = None
+    text_data: Path | None = None
+    image_output: Path | None = None
+    text_output: Path | None = None
+    fmt: str = "jsonl"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.image_data is None and self.text_data is None:
+            raise ConfigError("nothing to extract: pass --extract-image-feats with --image-data "
+                              "and/or --extract-text-feats with --text-data")
+        if self.fmt not in ("jsonl", "npy"):
+            raise ConfigError(f"--format: expected jsonl or npy, got {self.fmt!r}")
+        if self.dtype not in ("float32", "float16"):
+            raise ConfigError(f"--dtype: expected float32 or float16, got {self.dtype!r}")
+        if self.fmt == "jsonl" and self.dtype != "float32":
+            raise ConfigError("--dtype float16 needs --format npy (JSON lines hold float32 values)")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Exact top-k search: k and chunk sizes (results do not depend on the chunks)."""
+
+    top_k: int = 10
+    query_chunk: int = 4096
+    gallery_chunk: int = 32768
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_positive(self.top_k, "--top-k")
+        if self.top_k < 10:
+            raise ConfigError(f"--top-k: recall@10 needs at least 10 predictions, got {self.top_k}")
+        check_positive(self.query_chunk, "--query-chunk")
+        check_positive(self.gallery_chunk, "--eval-batch-size")
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """`fklip predict`: the flags of the original eval/predict_evaluate.py."""
+
+    image_feats: Path
+    text_feats: Path
+    search: SearchConfig
+    output_images: Path | None = None
+    output_texts: Path | None = None
+    text_standard_path: Path | None = None
+    image_standard_path: Path | None = None
+    text_out_path: Path | None = None
+    image_out_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.output_texts is None and self.output_images is None:
+            raise ConfigError("nothing to predict: pass --output-texts (text to image) and/or "
+                              "--output-images (image to text)")
+        for gold, out, gold_flag, out_flag, pred_flag, pred in (
+                (self.text_standard_path, self.text_out_path, "--text-standard-path",
+                 "--text-out-path", "--output-texts", self.output_texts),
+                (self.image_standard_path, self.image_out_path, "--image-standard-path",
+                 "--image-out-path", "--output-images", self.output_images)):
+            if (gold is None) != (out is None):
+                given, missing = (gold_flag, out_flag) if out is None else (out_flag, gold_flag)
+                raise ConfigError(f"{given} needs {missing}: the score is computed from the gold "
+                                  "file and written to the out path")
+            if gold is not None and pred is None:
+                raise ConfigError(f"{gold_flag} scores the predictions of {pred_flag}; pass it too")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`fklip eval`: checkpoint and raw validation files to predictions, scores and metrics."""
+
+    encode: EncodeConfig
+    search: SearchConfig
+    image_data: Path
+    text_data: Path
+    output_dir: Path
+    image_standard_path: Path | None = None
+    save_features: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.save_features not in ("none", "jsonl", "npy"):
+            raise ConfigError(f"--save-features: expected none, jsonl or npy, got {self.save_features!r}")

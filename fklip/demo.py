@@ -1,15 +1,14 @@
 """`fklip demo`: the main job on the embedded demo data, as far as fklip implements it today.
 
 Steps: generate the dataset (or reuse a complete one made with the same settings), build the
-tiny model and round-trip it through an fklip checkpoint, then encode the validation set and
-compute exact text-to-image and image-to-text recall. Training and export are reported as not
+tiny model and save it as an fklip checkpoint, then encode the validation set and
+compute exact text-to-image and image-to-text recall with `fklip eval`'s code. Training and export are reported as not
 yet available until their commands land; the demo grows with them.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass
 
@@ -41,24 +40,13 @@ def _data_step(cfg: DemoConfig):
     return paths, load_demo_manifest(cfg.data_dir), "generated"
 
 
-def _recall(query_emb, gallery_emb, query_keys, gallery_keys, gold, chunk: int) -> dict:
-    from fklip.retrieval import recall_at_ks, topk_chunked
-
-    _, indices = topk_chunked(query_emb, gallery_emb, 10, query_chunk=chunk, gallery_chunk=4 * chunk)
-    predictions = {q: [gallery_keys[i] for i in row] for q, row in zip(query_keys, indices.tolist())}
-    return recall_at_ks(predictions, gold)
-
-
 def run_demo(cfg: DemoConfig) -> list[Row]:
     """Run every available step; return the rows of the closing table. Writes under `cfg.out`."""
     import torch
 
-    from fklip.data.archive import ImageArchive
-    from fklip.data.jsonl import id_key, read_image_gold, read_val_queries
-    from fklip.encode import encode_archive, encode_texts
-    from fklip.io import write_json
-    from fklip.model import (ModelSpec, build_model, build_tokenizer, count_parameters,
-                             load_checkpoint, save_checkpoint)
+    from fklip.config import EncodeConfig, EvalConfig, SearchConfig
+    from fklip.eval_pipeline import run_eval
+    from fklip.model import ModelSpec, build_model, count_parameters, save_checkpoint
 
     device = check_device(cfg.device)
     rows: list[Row] = []
@@ -76,51 +64,29 @@ def run_demo(cfg: DemoConfig) -> list[Row]:
     torch.manual_seed(cfg.seed)
     spec = ModelSpec.from_name(DEMO_MODEL)
     ckpt_path = cfg.out / "checkpoints" / "fklip-tiny-init.pt"
-    save_checkpoint(ckpt_path, build_model(spec), spec, epoch=0, name="demo-init")
-    ckpt = load_checkpoint(ckpt_path)
-    model = ckpt.model.to(device).eval()
+    model = build_model(spec)
+    save_checkpoint(ckpt_path, model, spec, epoch=0, name="demo-init")
     rows.append(Row("model", f"{DEMO_MODEL}, {count_parameters(model) / 1e6:.1f}M parameters, "
-                    f"random init, saved and reloaded from {ckpt_path}", time.perf_counter() - t))
+                    f"random init, saved to {ckpt_path}", time.perf_counter() - t))
 
     rows.append(Row("train", "not available yet: `fklip train` (issue 4)"))
     rows.append(Row("export", "not available yet: `fklip export` (issue 5)"))
 
     t = time.perf_counter()
-    queries = read_val_queries(paths.val_queries)
-    image_gold = read_image_gold(paths.val_gold)
-    tokenizer = build_tokenizer(ckpt.spec)
-    with ImageArchive(paths.val_images) as archive:
-        archive.check_image_size(ckpt.spec.image_size, ckpt.spec.name)
-        archive.require([i for q in queries for i in q.item_ids], str(paths.val_queries))
-        image_keys = list(archive.ids)
-        t_enc = time.perf_counter()
-        image_emb = encode_archive(model, archive, cfg.batch_size, device, progress=True)
-        image_s = time.perf_counter() - t_enc
-    t_enc = time.perf_counter()
-    text_emb = encode_texts(model, tokenizer, [q.query_text for q in queries], cfg.batch_size, device,
-                            progress=True)
-    text_s = time.perf_counter() - t_enc
-    text_keys = [id_key(q.query_id) for q in queries]
-    t2i = _recall(text_emb, image_emb, text_keys, image_keys,
-                  {id_key(q.query_id): [id_key(i) for i in q.item_ids] for q in queries}, cfg.batch_size)
-    i2t = _recall(image_emb, text_emb, image_keys, text_keys,
-                  {id_key(g.image_id): [id_key(i) for i in g.item_ids] for g in image_gold}, cfg.batch_size)
-    metrics = {
-        "model": ckpt.spec.name, "checkpoint": str(ckpt_path), "trained": False,
-        "t2i": {f"r{k}": 100 * v for k, v in t2i["recall"].items()},
-        "i2t": {f"r{k}": 100 * v for k, v in i2t["recall"].items()},
-        "counts": {"texts": len(text_keys), "images": len(image_keys)},
-        "images_per_s": len(image_keys) / image_s, "texts_per_s": len(text_keys) / text_s,
-        "device": device, "torch": str(torch.__version__), "python": platform.python_version(),
-    }
-    write_json(cfg.out / "eval" / "metrics.json", metrics)
+    eval_dir = cfg.out / "eval"
+    encode = EncodeConfig(checkpoint=ckpt_path, device=device, image_batch_size=cfg.batch_size,
+                          text_batch_size=cfg.batch_size)
+    metrics = run_eval(EvalConfig(encode=encode, search=SearchConfig(device=device),
+                                  image_data=paths.val_images, text_data=paths.val_queries,
+                                  image_standard_path=paths.val_gold, output_dir=eval_dir))
     fmt = lambda r: "/".join(f"{r[f'r{k}']:.1f}" for k in (1, 5, 10))  # noqa: E731
-    chance = 100 * 10 / len(image_keys)
-    rows.append(Row("eval", f"{len(text_keys)} captions x {len(image_keys)} images, exact top-10; "
-                    f"R@1/5/10 text->image {fmt(metrics['t2i'])}, image->text {fmt(metrics['i2t'])} "
-                    f"(untrained: chance R@10 ~{chance:.1f}); "
-                    f"{metrics['images_per_s']:.0f} images/s, {metrics['texts_per_s']:.0f} texts/s; "
-                    f"{cfg.out / 'eval' / 'metrics.json'}", time.perf_counter() - t))
+    counts, timings = metrics["counts"], metrics["timings_s"]
+    chance = 100 * 10 / counts["images"]
+    rows.append(Row("eval", f"`fklip eval`: {counts['texts']} captions x {counts['images']} images, "
+                    f"exact top-10; R@1/5/10 text->image {fmt(metrics['text_to_image'])}, "
+                    f"image->text {fmt(metrics['image_to_text'])} (untrained: chance R@10 ~{chance:.1f}); "
+                    f"encode {timings['encode']:.1f}s, search {timings['search']:.2f}s; {eval_dir}",
+                    time.perf_counter() - t))
     return rows
 
 

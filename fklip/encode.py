@@ -1,9 +1,15 @@
-"""Plain PyTorch feature encoding in batches: the reference path that faster engines are held to."""
+"""Plain PyTorch feature encoding in batches: the reference path that faster engines are held to.
+
+Features are L2-normalised float32 rows written into a caller's array (in memory, or an
+np.memmap when they do not fit), so encoding a large set never holds more than a batch twice.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -11,35 +17,72 @@ from fklip.data.archive import ImageArchive, model_input_from_batch
 from fklip.model import Tokenizer
 
 
+def prepare_model(model, device: str, precision: str):
+    """Move the model to `device` in eval mode; bf16/fp16 precisions cast the weights."""
+    model = model.to(device).eval()
+    if precision in ("bf16", "fp16"):
+        model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return model
+
+
+def _autocast(device: str, precision: str):
+    """amp: fp16 autocast on CUDA, bf16 on the CPU; other precisions run as the weights are."""
+    if precision != "amp":
+        return contextlib.nullcontext()
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+
+
+def _input_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _alloc(n: int, dim: int, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return np.empty((n, dim), np.float32)
+    if out.shape != (n, dim):
+        raise ValueError(f"output array has shape {out.shape}, expected {(n, dim)}")
+    return out
+
+
 @torch.no_grad()
 def encode_archive(model, archive: ImageArchive, batch_size: int = 256, device: str = "cpu",
-                   image_ids: Sequence | None = None, progress: bool = False) -> torch.Tensor:
+                   image_ids: Sequence | None = None, progress: bool = False,
+                   precision: str = "fp32", out: np.ndarray | None = None) -> np.ndarray:
     """L2-normalised image features (N, D) float32, in archive order (or `image_ids` order)."""
     from tqdm import tqdm
 
     ids = list(archive.ids if image_ids is None else image_ids)
-    out = []
-    bar = tqdm(total=len(ids), desc="encode images", unit="img", disable=not progress)
-    for _, batch in archive.iter_batches(batch_size, ids):
-        x = model_input_from_batch(batch, archive.encoding, device=device)  # (B, 3, H, W)
-        out.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
-        bar.update(len(batch))
-    bar.close()
-    return torch.cat(out)
+    dim = model.visual.output_dim
+    out = _alloc(len(ids), dim, out)
+    dtype = _input_dtype(model)
+    row = 0
+    with tqdm(total=len(ids), desc="encode images", unit="img", disable=not progress) as bar:
+        for _, batch in archive.iter_batches(batch_size, ids):
+            x = model_input_from_batch(batch, archive.encoding, device=device, dtype=dtype)  # (B, 3, H, W)
+            with _autocast(device, precision):
+                emb = model.encode_image(x)  # (B, D)
+            out[row:row + len(batch)] = F.normalize(emb.float(), dim=-1).cpu().numpy()
+            row += len(batch)
+            bar.update(len(batch))
+    return out
 
 
 @torch.no_grad()
 def encode_texts(model, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 256,
-                 device: str = "cpu", progress: bool = False) -> torch.Tensor:
+                 device: str = "cpu", progress: bool = False, precision: str = "fp32",
+                 out: np.ndarray | None = None) -> np.ndarray:
     """L2-normalised text features (N, D) float32, in the order given."""
     from tqdm import tqdm
 
-    out = []
-    bar = tqdm(total=len(texts), desc="encode texts", unit="text", disable=not progress)
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        tokens = tokenizer(chunk).to(device)  # (B, context_length)
-        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-        bar.update(len(chunk))
-    bar.close()
-    return torch.cat(out)
+    dim = model.visual.output_dim  # the shared embedding width
+    out = _alloc(len(texts), dim, out)
+    with tqdm(total=len(texts), desc="encode texts", unit="text", disable=not progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start:start + batch_size]
+            tokens = tokenizer(chunk).to(device)  # (B, context_length)
+            with _autocast(device, precision):
+                emb = model.encode_text(tokens)  # (B, D)
+            out[start:start + len(chunk)] = F.normalize(emb.float(), dim=-1).cpu().numpy()
+            bar.update(len(chunk))
+    return out

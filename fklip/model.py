@@ -309,12 +309,26 @@ def _load_weights(model, state_dict: dict, path: Path, model_name: str) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
+def _openai_lineage(spec: ModelSpec) -> ModelSpec:
+    """Checkpoints without a self-description come from OpenAI's lineage (OpenAI, the original,
+    PAI), all trained with QuickGELU: the original's `--model ViT-B-32` means the QuickGELU model.
+    Building the GELU variant would load without error and give wrong features."""
+    if spec.config.get("quick_gelu"):
+        return spec
+    quick = f"{spec.name}-quickgelu"
+    try:
+        return ModelSpec.from_name(quick, spec.truncation)
+    except ConfigError:
+        return ModelSpec(quick, {**spec.config, "quick_gelu": True}, spec.truncation)
+
+
 def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None,
                     truncation: str | None = None, trust: bool = False) -> Checkpoint:
     """Load any supported checkpoint into a fresh fp32 model on the CPU.
 
-    The architecture comes from the checkpoint's own description (fklip), else from `model_name`,
-    else from the tensor shapes (OpenAI layout, QuickGELU). `truncation` overrides the tokenizer
+    The architecture comes from the checkpoint's own description (fklip), else from `model_name`
+    in its QuickGELU form (see `_openai_lineage`), else from the tensor shapes (OpenAI layout,
+    QuickGELU). `truncation` overrides the tokenizer
     mode; checkpoints that do not record one get the original's.
     """
     path = Path(path)
@@ -348,7 +362,7 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None,
         if model_name is not None and MODEL_ALIASES.get(model_name, model_name) != spec.name:
             logger.warning("%s records model %s; ignoring --model %s", path, spec.name, model_name)
     elif model_name is not None:
-        spec = ModelSpec.from_name(model_name)
+        spec = _openai_lineage(ModelSpec.from_name(model_name))
     else:
         spec = ModelSpec("inferred-from-weights", config_from_state_dict(state_dict))
     if truncation is not None:

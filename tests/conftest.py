@@ -44,3 +44,21 @@ def run_fklip(*args: str, cwd: Path | None = None, timeout: float = 600) -> subp
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "fklip", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """A small demo dataset at the tiny model's image size."""
+    from fklip.data.demo import DemoDataConfig, generate_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return generate_demo(DemoDataConfig(out=out, seed=1, size=64, train=8, val=12, kb=8))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model, tiny_spec):
+    from fklip.model import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, tiny_model, tiny_spec)
+    return path

@@ -191,3 +191,15 @@ def test_newer_fklip_format_is_refused(tmp_path, tiny_model, tiny_spec):
 def test_build_tokenizer_follows_spec(tiny_spec):
     tok = build_tokenizer(ModelSpec(tiny_spec.name, tiny_spec.config, "openai"))
     assert tok.truncation == "openai" and tok.context_length == 77
+
+
+def test_original_model_names_mean_quickgelu_for_foreign_checkpoints(tmp_path):
+    """The original README passes `--model ViT-B-32` with the PAI checkpoint: that is QuickGELU."""
+    model = build_model(ModelSpec.from_name("ViT-B-32-quickgelu"))
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               tmp_path / "pai.pt")
+    ckpt = load_checkpoint(tmp_path / "pai.pt", model_name="ViT-B-32")
+    assert ckpt.spec.name == "ViT-B-32-quickgelu" and ckpt.spec.config["quick_gelu"] is True
+    tokens = Tokenizer()(["a red dress"])
+    with torch.no_grad():
+        assert torch.equal(ckpt.model.encode_text(tokens), model.encode_text(tokens))

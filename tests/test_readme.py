@@ -12,7 +12,7 @@ from tests.conftest import ROOT, run_fklip
 
 README = (ROOT / "README.md").read_text()
 # Commands run for real, in order, in one folder (later examples read what earlier ones wrote).
-CHEAP = ("data demo", "data inspect", "data models", "demo")
+CHEAP = ("demo", "extract", "predict", "eval", "data demo", "data inspect", "data models")
 
 
 def readme_blocks(lang: str = "sh") -> list[str]:
@@ -20,12 +20,16 @@ def readme_blocks(lang: str = "sh") -> list[str]:
 
 
 def readme_commands(prefix: str) -> list[list[str]]:
+    """Shell commands of the README that start with `prefix`, continuation lines joined;
+    `torchrun ... -m fklip ARGS` counts as `fklip ARGS`."""
     out = []
     for block in readme_blocks():
-        for line in block.splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith(prefix):
-                out.append(shlex.split(line))
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line.split("  #")[0].strip())
+            if argv and argv[0] == "torchrun" and "-m" in argv:
+                argv = argv[argv.index("-m") + 1:]
+            if argv and argv[0] == prefix:
+                out.append(argv)
     return out
 
 
@@ -48,7 +52,7 @@ def test_quick_start_comes_first_and_matches_ci():
 
 def test_every_readme_flag_exists():
     commands = readme_commands("fklip")
-    assert len(commands) >= 4
+    assert len(commands) >= 8
     for argv in commands:
         command, rest, path = resolve(argv)
         assert path, f"README command {argv} names no fklip command"

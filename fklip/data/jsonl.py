@@ -44,6 +44,14 @@ class ValQuery:
 
 
 @dataclass(frozen=True)
+class TextQuery:
+    """A caption to encode: the two fields feature extraction reads from any queries file."""
+
+    query_id: Id
+    query_text: str
+
+
+@dataclass(frozen=True)
 class ConceptQuery:
     """One concept of a vocabulary with its prompt (spec 1.3)."""
 
@@ -173,6 +181,27 @@ def read_val_queries(path: str | os.PathLike) -> list[ValQuery]:
     """`fashion-gen_val_queries.jsonl`: query_id, query_text, item_ids (the text-to-image gold)."""
     fields = [("query_id", _id), ("query_text", _str), ("item_ids", _ids)]
     return read_records(path, fields, ValQuery, "val queries")
+
+
+def read_text_queries(path: str | os.PathLike) -> list[TextQuery]:
+    """Any queries file, for feature extraction: query_id and query_text (other fields ignored)."""
+    fields = [("query_id", _id), ("query_text", _str)]
+    return read_records(path, fields, TextQuery, "text queries")
+
+
+def check_unique_ids(ids: list[Id], path: str | os.PathLike, field_name: str) -> None:
+    """Raise when two ids are the same once compared as strings (94 and "94" collide)."""
+    seen: set[str] = set()
+    dupes = []
+    for i in ids:
+        k = id_key(i)
+        if k in seen:
+            dupes.append(i)
+        seen.add(k)
+    if dupes:
+        from fklip.errors import preview
+
+        raise DataError(f"{path}: {len(dupes)} duplicate {field_name} values, first: {preview(dupes)}")
 
 
 def read_concept_queries(path: str | os.PathLike) -> list[ConceptQuery]:

@@ -1,0 +1,177 @@
+"""`fklip eval`: a checkpoint and the raw validation files to predictions, scores and metrics.
+
+Top to bottom: load and check every input; encode images and captions (sharded across ranks
+under torchrun, gathered in rank order); exact top-k in both directions (queries sharded across
+ranks); rank 0 writes the original's prediction and score files and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fklip.config import EvalConfig, check_device
+from fklip.distributed import DistContext, gather_rows, init_distributed, shard_range, shutdown
+from fklip.evaluate import (OUTPUT_NAMES, check_targets, gold_from_image_file, gold_from_item_ids,
+                            gold_from_queries, recall_summary, search, write_predictions, write_score)
+
+logger = logging.getLogger(__name__)
+
+# Features larger than this share of the available memory are kept in a memory-mapped file.
+MEMMAP_SHARE = 0.5
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable), or a large number if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def environment(ctx: DistContext) -> dict:
+    import open_clip
+
+    from fklip import __version__
+
+    env = {"fklip": __version__, "torch": str(torch.__version__), "open_clip": str(open_clip.__version__),
+           "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
+           "device": ctx.device, "threads": torch.get_num_threads(), "world_size": ctx.world_size}
+    if ctx.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(ctx.device))
+    return env
+
+
+def _feature_buffer(n: int, dim: int, on_disk: bool, folder: Path, name: str) -> np.ndarray:
+    if not on_disk:
+        return np.empty((n, dim), np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+
+
+def run_eval(cfg: EvalConfig) -> dict | None:
+    """Run the evaluation; rank 0 returns the metrics dict (other ranks return None)."""
+    ctx = init_distributed(cfg.encode.device)
+    try:
+        return _run(cfg, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _run(cfg: EvalConfig, ctx: DistContext) -> dict | None:
+    from fklip.data.archive import ImageArchive
+    from fklip.data.jsonl import check_unique_ids, id_key, read_val_queries
+    from fklip.encode import encode_archive, encode_texts, prepare_model
+    from fklip.model import build_tokenizer, load_checkpoint
+
+    enc, started = cfg.encode, time.perf_counter()
+    device = check_device(ctx.device)
+
+    # ---- load and check everything before the slow work
+    queries = read_val_queries(cfg.text_data)
+    check_unique_ids([q.query_id for q in queries], cfg.text_data, "query_id")
+    archive = ImageArchive(cfg.image_data)
+    try:
+        ckpt = load_checkpoint(enc.checkpoint, model_name=enc.model, truncation=enc.truncation,
+                               trust=enc.trust_checkpoint)
+        archive.check_image_size(ckpt.spec.image_size, ckpt.spec.name)
+        image_ids, text_ids = list(archive.ids), [q.query_id for q in queries]
+        image_keys, text_keys = image_ids, [id_key(i) for i in text_ids]  # archive ids are strings
+        text_gold = gold_from_queries(queries, str(cfg.text_data))
+        check_targets(text_gold, image_keys, f"images of {cfg.image_data}")
+        image_gold = (gold_from_image_file(cfg.image_standard_path) if cfg.image_standard_path
+                      else gold_from_item_ids(queries, image_ids, str(cfg.text_data)))
+        check_targets(image_gold, text_keys, f"query ids of {cfg.text_data}")
+        model = prepare_model(ckpt.model, device, enc.precision)
+        tokenizer = build_tokenizer(ckpt.spec)
+        dim = model.visual.output_dim
+        t_load = time.perf_counter() - started
+
+        # ---- encode this rank's shard of images and captions, gather in rank order
+        t0 = time.perf_counter()
+        n_img, n_txt = len(image_ids), len(text_ids)
+        on_disk = not ctx.distributed and (n_img + n_txt) * dim * 4 > MEMMAP_SHARE * available_memory()
+        scratch = cfg.output_dir / f".features-{os.getpid()}"
+        i0, i1 = shard_range(n_img, ctx.rank, ctx.world_size)
+        t_0, t_1 = shard_range(n_txt, ctx.rank, ctx.world_size)
+        image_emb = encode_archive(model, archive, enc.image_batch_size, device, image_ids[i0:i1],
+                                   progress=ctx.is_main, precision=enc.precision,
+                                   out=_feature_buffer(i1 - i0, dim, on_disk, scratch, "images"))
+        text_emb = encode_texts(model, tokenizer, [q.query_text for q in queries[t_0:t_1]],
+                                enc.text_batch_size, device, progress=ctx.is_main,
+                                precision=enc.precision,
+                                out=_feature_buffer(t_1 - t_0, dim, on_disk, scratch, "texts"))
+    finally:
+        archive.close()
+    if ctx.distributed:
+        image_emb = gather_rows(torch.from_numpy(image_emb), n_img, ctx).numpy()
+        text_emb = gather_rows(torch.from_numpy(text_emb), n_txt, ctx).numpy()
+    t_encode = time.perf_counter() - t0
+
+    # ---- exact top-k both ways, this rank's share of the queries, gathered in rank order
+    t0 = time.perf_counter()
+    image_in = image_emb if on_disk else torch.from_numpy(image_emb)
+    text_in = text_emb if on_disk else torch.from_numpy(text_emb)
+    t2i = search(text_in[t_0:t_1], image_in, cfg.search, "text->image")
+    i2t = search(image_in[i0:i1], text_in, cfg.search, "image->text")
+    if ctx.distributed:
+        t2i = gather_rows(torch.from_numpy(t2i), n_txt, ctx).numpy()
+        i2t = gather_rows(torch.from_numpy(i2t), n_img, ctx).numpy()
+    t_search = time.perf_counter() - t0
+    if not ctx.is_main:
+        return None
+
+    # ---- rank 0 writes
+    t0 = time.perf_counter()
+    out = cfg.output_dir
+    write_predictions(out / OUTPUT_NAMES["text_predictions"], "query_id", text_ids, image_ids, t2i)
+    write_predictions(out / OUTPUT_NAMES["image_predictions"], "image_id", image_ids, text_ids, i2t)
+    t2i_result = write_score(out / OUTPUT_NAMES["text_score"], text_gold, text_keys, image_keys, t2i)
+    i2t_result = write_score(out / OUTPUT_NAMES["image_score"], image_gold, image_keys, text_keys, i2t)
+    if cfg.save_features != "none":
+        from fklip.features import write_features
+
+        ext = "jsonl" if cfg.save_features == "jsonl" else "npy"
+        write_features(out / f"image_features.{ext}", image_ids, image_emb, id_field="image_id",
+                       fmt=cfg.save_features)
+        write_features(out / f"text_features.{ext}", text_ids, text_emb, id_field="query_id",
+                       fmt=cfg.save_features)
+    if on_disk:
+        del image_emb, text_emb, image_in, text_in
+        for f in scratch.glob("*.npy"):
+            f.unlink()
+        scratch.rmdir()
+    t_write = time.perf_counter() - t0
+
+    t2i_summary, i2t_summary = recall_summary(t2i_result), recall_summary(i2t_result)
+    metrics = {
+        "text_to_image": t2i_summary,
+        "image_to_text": i2t_summary,
+        "mean_recall": (t2i_summary["mean_recall"] + i2t_summary["mean_recall"]) / 2,
+        "counts": {"images": n_img, "texts": n_txt, "dim": dim, "top_k": cfg.search.top_k,
+                   "image_gold": "file" if cfg.image_standard_path else "derived from item_ids"},
+        "timings_s": {"load": t_load, "encode": t_encode, "search": t_search, "write": t_write,
+                      "total": time.perf_counter() - started},
+        "throughput": {"images_per_s": n_img / t_encode if t_encode else None,
+                       "texts_per_s": n_txt / t_encode if t_encode else None},
+        "features": "memory-mapped" if on_disk else "in memory",
+        "checkpoint": {"path": str(enc.checkpoint), "format": ckpt.source_format, "model": ckpt.spec.name,
+                       "truncation": ckpt.spec.truncation, "precision": enc.precision},
+        "inputs": {"image_data": str(cfg.image_data), "text_data": str(cfg.text_data),
+                   "image_standard_path": str(cfg.image_standard_path) if cfg.image_standard_path else None},
+        "environment": environment(ctx),
+    }
+    from fklip.io import write_json
+
+    write_json(out / OUTPUT_NAMES["metrics"], metrics)
+    return metrics
