@@ -177,3 +177,99 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.save_features not in ("none", "jsonl", "npy"):
             raise ConfigError(f"--save-features: expected none, jsonl or npy, got {self.save_features!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`fklip train`: the original's flags (same meaning) plus fklip's additions. See the README."""
+
+    train_data: Path
+    train_img: Path
+    model: str = "fklip-tiny"
+    val_data: Path | None = None
+    val_img: Path | None = None
+    txt_id_filename: Path | None = None       # data vocabulary: phrase -> concept id
+    kb_txt_id_filename: Path | None = None    # KB vocabulary: phrase -> concept id
+    concept_data: Path | None = None          # data vocabulary prompts to encode
+    kb_concept_data: Path | None = None       # KB vocabulary prompts to encode
+    concept_fathers: Path | None = None
+    kb_concept_fathers: Path | None = None
+    img_data_sets: tuple[Path, ...] = ()      # knowledge-base image archives
+    resume: Path | None = None
+    openai_pretrained: Path | None = None
+    trust_checkpoint: bool = False
+    is_concept: bool = False
+    is_data_concept: bool = False
+    use_kb_concepts: bool = True
+    is_update: bool = False
+    concept_loss_weight: str = "auto"
+    original_indexing: bool = False
+    warmup: int = 500
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    lr: float = 5e-4
+    wd: float = 0.2
+    epochs: int = 32
+    workers: int = 0
+    grad_clip: float | None = None
+    precision: str = "fp32"
+    device: str = "cpu"
+    seed: int = 0
+    truncation: str = "original"
+    save_most_recent: bool = False
+    save_frequency: int = 1
+    report_to: str = "tensorboard"
+    logs: Path = Path("logs")
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        check_positive(self.batch_size, "--batch-size")
+        check_positive(self.eval_batch_size, "--eval-batch-size")
+        check_positive(self.epochs, "--epochs")
+        check_positive(self.save_frequency, "--save-frequency")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup: expected a non-negative number of steps, got {self.warmup}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers: expected a non-negative integer, got {self.workers}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr: expected a positive learning rate, got {self.lr}")
+        if self.wd < 0:
+            raise ConfigError(f"--wd: expected a non-negative weight decay, got {self.wd}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"--grad-clip: expected a positive norm, got {self.grad_clip}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed: expected a non-negative integer, got {self.seed}")
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in ("amp", "amp_bf16", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"--precision: expected amp, amp_bf16, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision in ("amp", "fp16") and not self.device.startswith("cuda"):
+            raise ConfigError(f"--precision {self.precision} needs --device cuda (fp16 training with a "
+                              "gradient scaler); on the CPU use fp32, bf16 or amp_bf16")
+        if self.report_to not in ("tensorboard", "none", ""):
+            raise ConfigError(f"--report-to: expected tensorboard or none, got {self.report_to!r}")
+        if self.resume is not None and self.openai_pretrained is not None:
+            raise ConfigError("--resume and --openai-pretrained both give starting weights; pass one")
+        if self.concept_loss_weight != "auto":
+            try:
+                w = float(self.concept_loss_weight)
+            except ValueError:
+                w = -1.0
+            if not 0.0 <= w <= 1.0:
+                raise ConfigError("--concept-loss-weight: expected auto or a number in [0, 1], "
+                                  f"got {self.concept_loss_weight!r}")
+        if (self.val_data is None) != (self.val_img is None):
+            raise ConfigError("--val-data and --val-img go together")
+        if self.is_concept:
+            self._check_concept_inputs()
+
+    def _check_concept_inputs(self) -> None:
+        if not (self.is_data_concept or self.use_kb_concepts):
+            raise ConfigError("--is-concept needs concepts: pass --is-data-concept and/or --use-kb-concepts")
+        if not self.img_data_sets:
+            raise ConfigError("--is-concept needs --img-data-sets (the knowledge-base images)")
+        if self.is_data_concept and not (self.txt_id_filename or self.concept_data):
+            raise ConfigError("--is-data-concept needs --txt-id-filename or --concept-data")
+        if self.use_kb_concepts and not (self.kb_txt_id_filename or self.kb_concept_data):
+            raise ConfigError("--use-kb-concepts needs --kb-txt-id-filename or --kb-concept-data "
+                              "(or pass --no-use-kb-concepts)")

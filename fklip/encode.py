@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fklip.data.archive import ImageArchive, model_input_from_batch
-from fklip.model import Tokenizer
+from fklip.model import Tokenizer, encode_text_trimmed
 
 
 def prepare_model(model, device: str, precision: str):
@@ -82,7 +82,7 @@ def encode_texts(model, tokenizer: Tokenizer, texts: Sequence[str], batch_size: 
             chunk = texts[start:start + batch_size]
             tokens = tokenizer(chunk).to(device)  # (B, context_length)
             with _autocast(device, precision):
-                emb = model.encode_text(tokens)  # (B, D)
+                emb = encode_text_trimmed(model, tokens)  # (B, D)
             out[start:start + len(chunk)] = F.normalize(emb.float(), dim=-1).cpu().numpy()
             bar.update(len(chunk))
     return out

@@ -131,6 +131,31 @@ def build_model(spec: ModelSpec):
     return model.eval()
 
 
+def encode_text_trimmed(model, tokens):
+    """`model.encode_text(tokens)` computed over the first L positions only, L = the last pooling
+    position in the batch (+1). The text tower is causal and pools at the largest token id (the
+    end-of-text token), so later positions cannot change the result: same features, a fraction of
+    the work for short texts such as "a photo of t-shirt". Other towers fall back to encode_text."""
+    import torch
+    from open_clip.model import CLIP
+
+    mask = getattr(model, "attn_mask", None)
+    if not isinstance(model, CLIP) or model.text_pool_type != "argmax" or mask is None:
+        return model.encode_text(tokens)
+    pool = tokens.argmax(dim=-1)  # (B,) the pooling positions, as open_clip's argmax pooling
+    length = int(pool.max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=mask[:length, :length])
+    x = model.ln_final(x)  # (B, L, width)
+    x = x[torch.arange(x.shape[0], device=x.device), pool]  # (B, width)
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if hasattr(proj, "weight") else x @ proj
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

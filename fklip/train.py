@@ -1,0 +1,350 @@
+"""`fklip train`: FashionKLIP knowledge-injected training (spec 3), top to bottom.
+
+One process, or one per device under torchrun. Features are gathered across ranks for both
+losses (local rows first, carrying the gradient) and gradients are summed across ranks, so W
+processes with batch B follow the trajectory of one process with batch W*B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fklip.config import TrainConfig, check_device
+from fklip.distributed import DistContext, gather_rows, init_distributed, shard_range, shutdown
+from fklip.errors import ConfigError, FklipError
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(FklipError):
+    """Training cannot go on (a NaN loss): the last good checkpoint is left as it was."""
+
+
+@dataclass
+class Knowledge:
+    """Retrieved concept images: per vocabulary, each concept's KB rows; and the KB features.
+    Row r of `retrieved[kind]` belongs to the vocabulary's r-th prompt (`Vocabulary.rows`)."""
+
+    kb_emb: torch.Tensor                 # (M, D) float32, L2-normalised
+    retrieved: dict[str, torch.Tensor]   # kind -> (C, 10) int64 rows into kb_emb, -1 padding
+
+
+def run_train(cfg: TrainConfig, stop_after: int | None = None) -> dict | None:
+    """Train; rank 0 returns a summary. `stop_after` ends this invocation after that many epochs."""
+    ctx = init_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx, stop_after)
+    finally:
+        shutdown(ctx)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    return cfg.name or f"{cfg.model.replace('/', '-')}_lr={cfg.lr}_wd={cfg.wd}_b={cfg.batch_size}"
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict | None:
+    from tqdm import tqdm
+
+    from fklip.data.archive import ImageArchive, model_input_from_batch
+    from fklip.data.jsonl import read_train_queries
+    from fklip.losses import ConceptLoss, ContrastiveLoss, combine, gather_with_grad
+    from fklip.model import ModelSpec, build_model, build_tokenizer, encode_text_trimmed, load_checkpoint
+    from fklip.schedule import build_optimizer, clamp_logit_scale, cosine_lr, set_lr
+    from fklip.train_data import TrainSet
+    from fklip.train_eval import evaluate_val, load_val
+
+    device = check_device(ctx.device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+
+    # ---- starting weights: a training checkpoint to resume, pretrained weights, or random
+    resume_state = None
+    if cfg.resume is not None or cfg.openai_pretrained is not None:
+        ckpt = load_checkpoint(cfg.resume or cfg.openai_pretrained, model_name=cfg.model,
+                               truncation=None, trust=cfg.trust_checkpoint)
+        model, spec = ckpt.model, ckpt.spec
+        resume_state = ckpt.extra.get("train_state") if cfg.resume is not None else None
+        if resume_state is None:  # pretrained weights start a new run: no inherited epoch count
+            spec = ModelSpec(spec.name, spec.config, cfg.truncation)
+    else:
+        spec = ModelSpec.from_name(cfg.model, cfg.truncation)
+        model = build_model(spec)
+    name = resume_state["name"] if resume_state else run_name(cfg)
+    run_dir = cfg.logs / name
+    if resume_state is None and ctx.is_main and (run_dir / "params.json").exists():
+        raise ConfigError(f"--name: the run folder {run_dir} already exists; pick another --name, or "
+                          f"resume it with --resume {run_dir / 'checkpoints' / 'epoch_latest.pt'}")
+
+    # ---- data, checked before any slow work
+    queries = read_train_queries(cfg.train_data)
+    archive = ImageArchive(cfg.train_img)
+    archive.require([i for q in queries for i in q.item_ids], str(cfg.train_data))
+    archive.check_image_size(spec.image_size, spec.name)
+    tokenizer = build_tokenizer(spec)
+    vocabs, tables, kb_archives, lookups = {}, {}, [], {}
+    if cfg.is_concept:
+        from fklip.knowledge import RowLookup
+
+        vocabs, tables, kb_archives = _load_knowledge_inputs(cfg, queries, spec, ctx)
+        lookups = {kind: RowLookup(vocab.rows) for kind, (vocab, _) in vocabs.items()}
+    train_set = TrainSet(queries, archive, tokenizer, tables)
+    batches = train_set.batches_per_epoch(cfg.batch_size, ctx.world_size)
+    if batches == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size} x {ctx.world_size} processes is larger than "
+                          f"the {len(train_set)} training samples of {cfg.train_data}")
+    val = load_val(cfg.val_data, cfg.val_img, spec) if cfg.val_data is not None else None
+
+    model = model.to(device).train()
+    optimizer = build_optimizer(model, cfg.lr, cfg.wd)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" else None
+    autocast = _autocast(cfg.precision, device)
+    if cfg.precision in ("bf16", "fp16"):
+        model = model.to(torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+    contrastive, concept = ContrastiveLoss(), ConceptLoss(transposed_indexing=cfg.original_indexing)
+    weight_mode = cfg.concept_loss_weight if cfg.concept_loss_weight == "auto" else float(cfg.concept_loss_weight)
+    total_steps, start_epoch, knowledge = batches * cfg.epochs, 0, None
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        start_epoch = int(resume_state["epoch"])
+        torch.set_rng_state(resume_state["torch_rng"])
+        if resume_state.get("knowledge") is not None:
+            knowledge = Knowledge(**resume_state["knowledge"])
+
+    writer = None
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        params = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, tuple) else v)
+                  for k, v in dataclasses.asdict(cfg).items()}
+        params.update(model_name=spec.name, truncation=spec.truncation, world_size=ctx.world_size,
+                      samples=len(train_set), batches_per_epoch=batches)
+        from fklip.io import write_json
+
+        write_json(run_dir / "params.json", params)
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tensorboard"))
+        if cfg.is_concept:
+            for kind, (vocab, _) in vocabs.items():
+                logger.info("%s", vocab.summary())
+                logger.info("%s", tables[kind].summary())
+
+    history = []
+    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        # ---- knowledge: encode the KB and the concept prompts, retrieve 20, keep 10 by MMR
+        if cfg.is_concept and (cfg.is_update or knowledge is None):
+            t0 = time.perf_counter()
+            knowledge = refresh_knowledge(model, kb_archives, vocabs, ctx, cfg.eval_batch_size, device)
+            _log(writer, {"knowledge/refresh_s": time.perf_counter() - t0}, epoch * batches)
+
+        model.train()
+        bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not ctx.is_main)
+        t_epoch = time.perf_counter()
+        for i, indices in enumerate(train_set.epoch_batches(epoch, cfg.seed, cfg.batch_size, ctx.rank,
+                                                            ctx.world_size)):
+            t_step, step = time.perf_counter(), epoch * batches + i
+            lr = cosine_lr(step, cfg.lr, cfg.warmup, total_steps)
+            set_lr(optimizer, lr)
+            batch = train_set.batch(indices)
+            images = model_input_from_batch(batch.images, archive.encoding, device=device,
+                                            dtype=next(model.parameters()).dtype)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                image_emb = F.normalize(model.encode_image(images).float(), dim=-1)          # (B, D)
+                text_emb = F.normalize(encode_text_trimmed(model, batch.tokens.to(device)).float(), dim=-1)
+                scale = model.logit_scale.float().exp()
+                terms = {"contrastive_loss": contrastive(gather_with_grad(image_emb, ctx),
+                                                         gather_with_grad(text_emb, ctx), scale)}
+                if cfg.is_concept:
+                    concept_emb = _encode_prompts(model, tokenizer, batch.concept_prompts, device)  # (B, S, D)
+                    protos = _prototypes(knowledge, lookups, batch, device)                      # (B, S, M, D)
+                    terms["concept_loss"] = concept(gather_with_grad(image_emb, ctx),
+                                                    gather_with_grad(concept_emb, ctx),
+                                                    gather_with_grad(protos, ctx), scale)
+            loss, logged = combine(terms, weight_mode)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                                    "stopping. The last good checkpoint is left as it was; try a lower "
+                                    "--lr, --grad-clip, or fp32")
+            (scaler.scale(loss) if scaler else loss).backward()
+            _sum_gradients(model, ctx)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            clamp_logit_scale(model)
+
+            samples_per_s = cfg.batch_size * ctx.world_size / (time.perf_counter() - t_step)
+            logged.update(lr=lr, scale=scale.item(), samples_per_s=samples_per_s)
+            _log(writer, {f"train/{k}": v for k, v in logged.items()}, step)
+            bar.set_postfix(loss=f"{logged['loss']:.4f}", samples_s=f"{samples_per_s:.0f}")
+            bar.update(1)
+        bar.close()
+
+        record = {"epoch": epoch + 1, "loss": logged["loss"], "epoch_s": time.perf_counter() - t_epoch}
+        if val is not None and ctx.is_main:
+            record.update(evaluate_val(model, val, cfg.eval_batch_size, cfg.batch_size, device))
+            _log(writer, {f"val/{k.removeprefix('val_')}": v for k, v in record.items()
+                          if k == "val_loss" or k.startswith(("t2i_", "i2t_"))}, (epoch + 1) * batches)
+        history.append(record)
+        if ctx.is_main:
+            logger.info("epoch %d: %s", epoch + 1, json.dumps(record))
+            state = {"name": name, "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler else None, "torch_rng": torch.get_rng_state(),
+                     "knowledge": None if cfg.is_update or knowledge is None else dataclasses.asdict(knowledge)}
+            _save(run_dir, model, spec, state, epoch + 1, cfg)
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if ctx.distributed:
+            dist.barrier()
+    if writer is not None:
+        writer.close()
+    archive.close()
+    for kb_archive, _ in kb_archives:
+        kb_archive.close()
+    return {"run_dir": str(run_dir), "epochs": history} if ctx.is_main else None
+
+
+# ---------------------------------------------------------------- the pieces the loop calls
+
+
+def _autocast(precision: str, device: str):
+    import contextlib
+
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if precision == "amp":
+        return torch.autocast(device_type, dtype=torch.float16)
+    if precision == "amp_bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _log(writer, scalars: dict, step: int) -> None:
+    if writer is not None:
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, step)
+
+
+def _sum_gradients(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Sum gradients over ranks: every rank's loss is the global one, each rank holds the gradient
+    through its own rows, so the sum is the gradient of the global batch. One flat all-reduce."""
+    if not ctx.distributed:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _encode_prompts(model, tokenizer, prompts: list[list[str]], device: str) -> torch.Tensor:
+    """(B, S, D) normalised features of every sample's concept prompts. Each distinct prompt of the
+    batch is encoded once (many slots share "a photo of" or a concept): same values, same gradient."""
+    from fklip.model import encode_text_trimmed
+
+    unique = list(dict.fromkeys(p for row in prompts for p in row))
+    index = {p: i for i, p in enumerate(unique)}
+    emb = F.normalize(encode_text_trimmed(model, tokenizer(unique).to(device)).float(), dim=-1)  # (U, D)
+    rows = torch.tensor([[index[p] for p in row] for row in prompts], device=emb.device)  # (B, S)
+    return emb[rows]
+
+
+def _prototypes(knowledge: Knowledge, lookups: dict, batch, device: str) -> torch.Tensor:
+    """(B, S, M, D) retrieved KB image features of each slot's concept; zeros for empty slots."""
+    from fklip.knowledge import prototype_features
+
+    parts, start = [], 0
+    kinds = batch.concept_kind
+    for kind in dict.fromkeys(kinds):
+        width = kinds.count(kind)
+        ids = batch.concept_ids[:, start:start + width]
+        parts.append(prototype_features(ids, lookups[kind], knowledge.retrieved[kind], knowledge.kb_emb))
+        start += width
+    return torch.cat(parts, dim=1).to(device)
+
+
+@torch.no_grad()
+def refresh_knowledge(model, kb_archives, vocabs: dict, ctx: DistContext, batch_size: int,
+                      device: str) -> Knowledge:
+    """Encode every KB image and concept prompt with the current weights (fp32, eval mode; each
+    rank a shard, gathered), then retrieve each concept's 20 nearest KB images over the WHOLE KB
+    and keep 10 by MMR (spec 3.3 with the stance of 6.7)."""
+    from fklip.encode import encode_archive, encode_texts
+    from fklip.knowledge import retrieve_concept_images
+
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    model.float()
+    parts = []
+    for archive, ids in kb_archives:
+        lo, hi = shard_range(len(ids), ctx.rank, ctx.world_size)
+        local = encode_archive(model, archive, batch_size, device, ids[lo:hi])
+        parts.append(gather_rows(torch.from_numpy(local), len(ids), ctx))
+    kb_emb = torch.cat(parts)  # (M, D)
+    retrieved = {}
+    for kind, (vocab, tok) in vocabs.items():
+        prompts = [text for _, text in vocab.prompts]
+        lo, hi = shard_range(len(prompts), ctx.rank, ctx.world_size)
+        local = encode_texts(model, tok, prompts[lo:hi], batch_size, device)
+        concept_emb = gather_rows(torch.from_numpy(local), len(prompts), ctx)  # (C, D)
+        retrieved[kind] = retrieve_concept_images(concept_emb.to(device), kb_emb.to(device)).cpu()
+    model.to(dtype)
+    model.train(was_training)
+    return Knowledge(kb_emb, retrieved)
+
+
+def _load_knowledge_inputs(cfg: TrainConfig, queries, spec, ctx: DistContext):
+    """Vocabularies, per-query concept tables and KB archives (ids de-duplicated across files)."""
+    from fklip.data.archive import ImageArchive
+    from fklip.knowledge import build_concept_table, load_vocabulary
+    from fklip.model import build_tokenizer
+
+    tokenizer = build_tokenizer(spec)
+    vocabs, tables = {}, {}
+    wanted = ([("data", cfg.txt_id_filename or cfg.concept_data, cfg.concept_fathers)] if cfg.is_data_concept else []) \
+        + ([("kb", cfg.kb_txt_id_filename or cfg.kb_concept_data, cfg.kb_concept_fathers)] if cfg.use_kb_concepts else [])
+    for kind, path, fathers in wanted:
+        vocab = load_vocabulary(path, fathers)
+        vocabs[kind] = (vocab, tokenizer)
+        tables[kind] = build_concept_table(queries, vocab, kind=kind)
+    kb_archives, seen = [], set()
+    for path in cfg.img_data_sets:
+        archive = ImageArchive(path)
+        archive.check_image_size(spec.image_size, spec.name)
+        ids = [i for i in archive.ids if i not in seen]
+        seen.update(ids)
+        kb_archives.append((archive, ids))
+    return vocabs, tables, kb_archives
+
+
+def _save(run_dir: Path, model, spec, state: dict, epoch: int, cfg: TrainConfig) -> None:
+    """epoch_N.pt every --save-frequency epochs and at the end; epoch_latest.pt with --save-most-recent."""
+    from fklip.model import save_checkpoint
+
+    folder = run_dir / "checkpoints"
+    extra = {"train_state": state}
+    if epoch % cfg.save_frequency == 0 or epoch == cfg.epochs:
+        save_checkpoint(folder / f"epoch_{epoch}.pt", model, spec, epoch=epoch, name=state["name"], extra=extra)
+    if cfg.save_most_recent:
+        save_checkpoint(folder / "epoch_latest.pt", model, spec, epoch=epoch, name=state["name"], extra=extra)
