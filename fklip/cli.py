@@ -359,12 +359,13 @@ def train(dist_url, dataset_type, stop_after, **flags) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the data and the model.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Encoding batch size.")
-def demo(out: Path, seed: int, device: str, batch_size: int) -> None:
+@click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs.")
+def demo(out: Path, seed: int, device: str, batch_size: int, epochs: int) -> None:
     """Run the pipeline on the embedded demo data and print what it did and measured."""
     from fklip.config import DemoConfig
     from fklip.demo import format_table, run_demo
 
-    cfg = DemoConfig(out=out, seed=seed, device=device, batch_size=batch_size)
+    cfg = DemoConfig(out=out, seed=seed, device=device, batch_size=batch_size, epochs=epochs)
     rows = run_demo(cfg)
     click.echo(format_table(rows))
 

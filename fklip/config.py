@@ -41,8 +41,10 @@ class DemoConfig:
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 128
+    epochs: int = 8
 
     def __post_init__(self) -> None:
+        check_positive(self.epochs, "--epochs")
         if self.seed < 0:
             raise ConfigError(f"--seed: expected a non-negative integer, got {self.seed}")
         check_positive(self.batch_size, "--batch-size")
@@ -262,6 +264,9 @@ class TrainConfig:
             raise ConfigError("--val-data and --val-img go together")
         if self.is_concept:
             self._check_concept_inputs()
+        if self.original_indexing and not (self.is_concept and self.is_data_concept and not self.use_kb_concepts):
+            raise ConfigError("--original-indexing reproduces the original's concept loss, which sees only the "
+                              "data concepts: pass it with --is-concept --is-data-concept --no-use-kb-concepts")
 
     def _check_concept_inputs(self) -> None:
         if not (self.is_data_concept or self.use_kb_concepts):

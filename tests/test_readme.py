@@ -12,7 +12,7 @@ from tests.conftest import ROOT, run_fklip
 
 README = (ROOT / "README.md").read_text()
 # Commands run for real, in order, in one folder (later examples read what earlier ones wrote).
-CHEAP = ("demo", "extract", "predict", "eval", "data demo", "data inspect", "data models")
+CHEAP = ("demo", "train", "extract", "predict", "eval", "data demo", "data inspect", "data models")
 
 
 def readme_blocks(lang: str = "sh") -> list[str]:
@@ -23,11 +23,19 @@ def readme_commands(prefix: str) -> list[list[str]]:
     """Shell commands of the README that start with `prefix`, continuation lines joined;
     `torchrun ... -m fklip ARGS` counts as `fklip ARGS`."""
     out = []
+    env: dict[str, str] = {}  # as in one shell session: variables persist across blocks
     for block in readme_blocks():
         for line in block.replace("\\\n", " ").splitlines():
-            argv = shlex.split(line.split("  #")[0].strip())
+            line = line.split("  #")[0].strip()
+            assignment = re.fullmatch(r"([A-Z_]+)=(\S+)", line)
+            if assignment:  # NAME=value lines set variables for the lines after them
+                env[assignment[1]] = assignment[2]
+                continue
+            for name, value in env.items():
+                line = line.replace("${" + name + "}", value).replace("$" + name, value)
+            argv = shlex.split(line)
             if argv and argv[0] == "torchrun" and "-m" in argv:
-                argv = argv[argv.index("-m") + 1:]
+                argv = [a for a in argv[argv.index("-m") + 1:] if a != "--"]
             if argv and argv[0] == prefix:
                 out.append(argv)
     return out
