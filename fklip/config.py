@@ -11,10 +11,16 @@ from fklip.errors import ConfigError
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
-def check_device(device: str, flag: str = "--device") -> str:
-    """Validate a device string and that it exists on this machine."""
+def check_device_name(device: str, flag: str = "--device") -> str:
+    """Validate the form of a device string (whether it exists is checked when it is used)."""
     if not _DEVICE.match(device):
         raise ConfigError(f"{flag}: expected cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+def check_device(device: str, flag: str = "--device") -> str:
+    """Validate a device string and that it exists on this machine."""
+    check_device_name(device, flag)
     if device.startswith("cuda"):
         import torch
 
@@ -48,8 +54,7 @@ class DemoConfig:
         if self.seed < 0:
             raise ConfigError(f"--seed: expected a non-negative integer, got {self.seed}")
         check_positive(self.batch_size, "--batch-size")
-        if not _DEVICE.match(self.device):
-            raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
 
     @property
     def data_dir(self) -> Path:
@@ -83,8 +88,7 @@ class EncodeConfig:
     text_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if not _DEVICE.match(self.device):
-            raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
         check_precision(self.precision, self.device)
         check_positive(self.image_batch_size, "--img-batch-size")
         check_positive(self.text_batch_size, "--text-batch-size")
@@ -129,8 +133,7 @@ class SearchConfig:
             raise ConfigError(f"--top-k: recall@10 needs at least 10 predictions, got {self.top_k}")
         check_positive(self.query_chunk, "--query-chunk")
         check_positive(self.gallery_chunk, "--eval-batch-size")
-        if not _DEVICE.match(self.device):
-            raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
 
 
 @dataclass(frozen=True)
@@ -241,8 +244,7 @@ class TrainConfig:
             raise ConfigError(f"--grad-clip: expected a positive norm, got {self.grad_clip}")
         if self.seed < 0:
             raise ConfigError(f"--seed: expected a non-negative integer, got {self.seed}")
-        if not _DEVICE.match(self.device):
-            raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
         if self.precision not in ("amp", "amp_bf16", "fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision: expected amp, amp_bf16, fp32, bf16 or fp16, got {self.precision!r}")
         if self.precision in ("amp", "fp16") and not self.device.startswith("cuda"):

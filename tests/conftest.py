@@ -39,6 +39,15 @@ def write_lines(path: Path, lines: list) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback, for torchrun's rendezvous in tests."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_fklip(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the CLI as a user would (`python -m fklip`), capturing output."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")

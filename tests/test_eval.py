@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from fklip.cli import cli
-from tests.conftest import ROOT, write_lines
+from tests.conftest import ROOT, free_port, write_lines
 
 OUTPUTS = ["fashion_image_output.json", "fashion_text_output.json", "metrics.json",
            "test_imgs_predictions.jsonl", "test_txts_predictions.jsonl"]
@@ -141,19 +140,13 @@ def test_memory_mapped_features_give_the_same_results(tmp_path, small_demo, tiny
     assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == OUTPUTS  # scratch files removed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_match_one(tmp_path, small_demo, tiny_checkpoint):
     # batch size 1: every row is computed alone, so sharding cannot change a single float
     args = ["--img-batch-size", "1", "--text-batch-size", "1"]
     assert invoke(eval_args(small_demo, tiny_checkpoint, tmp_path / "one", *args)).exit_code == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "fklip",
+           "--master_port", str(free_port()), "-m", "fklip",
            *map(str, eval_args(small_demo, tiny_checkpoint, tmp_path / "two", *args))]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

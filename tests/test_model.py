@@ -203,3 +203,30 @@ def test_original_model_names_mean_quickgelu_for_foreign_checkpoints(tmp_path):
     tokens = Tokenizer()(["a red dress"])
     with torch.no_grad():
         assert torch.equal(ckpt.model.encode_text(tokens), model.encode_text(tokens))
+
+
+@pytest.mark.parametrize("truncation", ["original", "openai"])
+def test_trimmed_text_encoding_equals_the_full_77_positions(tiny_model, truncation):
+    """Causal text tower pooled at the largest id: later positions cannot change the result."""
+    from fklip.model import encode_text_trimmed
+
+    tok = Tokenizer(truncation)
+    texts = ["a photo of ", "a photo of striped short sleeve t-shirt", LONG, "Red dotted dress in silk."]
+    tokens = tok(texts)
+    full = tiny_model.encode_text(tokens)
+    trimmed = encode_text_trimmed(tiny_model, tokens)
+    torch.testing.assert_close(trimmed, full, atol=2e-5, rtol=0)
+    # short prompts only: far fewer positions, same features, same gradients
+    short = tok(texts[:2])
+    assert int(short.argmax(-1).max()) + 1 < 20
+    tiny_model.zero_grad()
+    tiny_model.encode_text(short).square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+    tiny_model.zero_grad()
+    encode_text_trimmed(tiny_model, short).square().sum().backward()
+    got = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+    tiny_model.zero_grad()
+    assert expected.keys() == got.keys()
+    for name in expected:  # float32 sums in another order: compare relative to the gradient's size
+        error = (got[name] - expected[name]).norm() / expected[name].norm().clamp_min(1e-12)
+        assert error < 1e-4, (name, float(error))

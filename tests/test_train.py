@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from fklip.cli import cli
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 SCALARS = {"train/loss", "train/contrastive_loss", "train/concept_loss", "train/concept_weight", "train/lr",
            "train/scale", "train/samples_per_s", "val/loss", "val/t2i_r1", "val/t2i_r5", "val/t2i_r10",
@@ -145,19 +144,13 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, demo, monkeypatc
     assert latest.read_bytes() == before
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_follow_one_process_with_double_batch(tmp_path, demo):
     flags = ["--is-concept", "--is-data-concept", "--is-update", "--report-to", "tensorboard"]
     one = invoke(train_args(demo, tmp_path, "one", *flags, batch=8))
     assert one.exit_code == 0, one.output
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "fklip", "--",  # `--`: torchrun would take --logs
+           "--master_port", str(free_port()), "-m", "fklip", "--",  # `--`: torchrun would take --logs
            *map(str, train_args(demo, tmp_path, "two", *flags, batch=4))]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
