@@ -137,9 +137,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
 
             writer = SummaryWriter(str(run_dir / "tensorboard"))
         if cfg.is_concept:
-            for kind, (vocab, _) in vocabs.items():
-                logger.info("%s", vocab.summary())
-                logger.info("%s", tables[kind].summary())
+            for kind, (vocab, _) in vocabs.items():  # reported once here, never per step
+                table = tables[kind]
+                level = logging.WARNING if table.unknown or table.dropped or table.no_concepts else logging.INFO
+                logger.log(level, "%s", vocab.summary())
+                logger.log(level, "%s", table.summary())
 
     history = []
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
