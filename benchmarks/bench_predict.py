@@ -3,7 +3,7 @@
 The original eval/predict_evaluate.py (spec 4.2) parses every line with json.loads, computes each
 query's scores with a matrix product, then builds (id, score) tuples for every candidate and sorts
 them with Python's stable sort. That is timed on a subset of queries and extrapolated linearly
-(its cost is per query). fklip's whole command is timed in full: parsing, exact top-k both ways,
+(its cost is per query; the matrix product, done on a GPU there, is not counted). fklip's whole command is timed in full: parsing, exact top-k both ways,
 writing predictions and scores.
 
     python benchmarks/bench_predict.py [--n 32528] [--dim 512] [--subset 300]
@@ -35,7 +35,7 @@ def make_files(folder: Path, n: int, dim: int, seed: int = 0) -> dict:
     img = rng.standard_normal((n, dim), dtype=np.float32)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     # captions correlated with their image, so recall is not trivially zero
-    txt = img + 0.8 * rng.standard_normal((n, dim), dtype=np.float32) / np.sqrt(dim)
+    txt = img + 2.0 * rng.standard_normal((n, dim), dtype=np.float32) / np.sqrt(dim)
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
     image_ids = [str(100000 + i) for i in range(n)]
     query_ids = list(range(n))
@@ -66,10 +66,10 @@ def original_algorithm(paths: dict, subset: int, top_k: int = 10) -> dict:
     for name, (q_name, g_name) in {"t2i": ("txt", "img"), "i2t": ("img", "txt")}.items():
         q_ids, q = feats[q_name]
         g_ids, g = feats[g_name]
+        scores = (q[:subset] @ g.T).tolist()  # the product, in one go (on the GPU in the original)
         t0 = time.perf_counter()
-        for row in range(subset):
-            scores = (q[row:row + 1] @ g.T)[0].tolist()
-            pairs = sorted(zip(g_ids, scores), key=lambda x: x[1], reverse=True)
+        for row in scores:  # timed: the per-query tuple sort over every candidate
+            pairs = sorted(zip(g_ids, row), key=lambda x: x[1], reverse=True)
             _ = [gid for gid, _ in pairs[:top_k]]
         per_query[name] = (time.perf_counter() - t0) / subset
     return {"parse_s": parse_s, "per_query_s": per_query, "queries": len(feats["txt"][0]),
