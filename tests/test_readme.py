@@ -80,7 +80,11 @@ def test_cheap_readme_commands_run(tmp_path):
         assert result.returncode == 0, (argv, result.stderr[-2000:])
         ran.append(path)
     assert set(ran) == set(CHEAP)
-    assert (tmp_path / "fklip-demo" / "eval" / "metrics.json").is_file()
+    import json
+
+    before, after = (json.loads((tmp_path / "fklip-demo" / d / "metrics.json").read_text())
+                     for d in ("eval-before", "eval"))
+    assert after["mean_recall"] > before["mean_recall"] + 20  # the demo's training visibly lifts recall
 
 
 def test_readme_layout_matches_demo_output(tmp_path):

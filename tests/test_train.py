@@ -160,3 +160,29 @@ def test_two_processes_follow_one_process_with_double_batch(tmp_path, demo):
         for x, y in zip(a[tag], b[tag]):
             assert abs(x - y) < 2e-3 * max(1.0, abs(x)), (tag, a[tag], b[tag])
     assert json.loads((tmp_path / "two" / "params.json").read_text())["world_size"] == 2
+
+
+def test_concept_coverage_is_reported_once(tmp_path, demo, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fklip.train"):
+        assert invoke(train_args(demo, tmp_path, "cov", "--is-concept", "--is-data-concept", epochs=2)).exit_code == 0
+    reports = [r.getMessage() for r in caplog.records if "candidate phrases not in the vocabulary" in r.getMessage()]
+    assert len(reports) == 2  # one line per vocabulary (data, KB), not one per step or epoch
+    assert any(r.startswith("data concepts: ") for r in reports) and any(r.startswith("kb concepts: ") for r in reports)
+
+
+def test_empty_training_file(tmp_path, demo):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = train_args(demo, tmp_path, "empty")
+    args[args.index("--train-data") + 1] = empty
+    r = invoke(args)
+    assert r.exit_code == 2 and "the file is empty" in r.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_amp_training_with_a_gradient_scaler_on_cuda(tmp_path, demo):
+    r = invoke(train_args(demo, tmp_path, "amp", *KNOWLEDGE, "--precision", "amp", "--device", "cuda", epochs=1))
+    assert r.exit_code == 0, r.output
+    assert all(v == v for v in scalars(tmp_path / "amp")["train/loss"])
