@@ -206,6 +206,7 @@ def _read_jsonl(path: Path, what: str) -> Features:
                 accept(lineno, field, id_, values[start:end])
         pending.clear()
 
+    size = 0  # bytes of the pending lines
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             raw = raw.rstrip()
