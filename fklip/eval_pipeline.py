@@ -19,7 +19,8 @@ import torch
 from fklip.config import EvalConfig, check_device
 from fklip.distributed import DistContext, gather_rows, init_distributed, shard_range, shutdown
 from fklip.evaluate import (OUTPUT_NAMES, check_targets, gold_from_image_file, gold_from_item_ids,
-                            gold_from_queries, recall_summary, search, write_predictions, write_score)
+                            gold_from_queries, recall_summary, search, search_both_ways, write_predictions,
+                            write_score)
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +123,11 @@ def _run(cfg: EvalConfig, ctx: DistContext) -> dict | None:
     t0 = time.perf_counter()
     image_in = image_emb if on_disk else torch.from_numpy(image_emb)
     text_in = text_emb if on_disk else torch.from_numpy(text_emb)
-    t2i = search(text_in[t_0:t_1], image_in, cfg.search, "text->image")
-    i2t = search(image_in[i0:i1], text_in, cfg.search, "image->text")
+    if ctx.distributed or on_disk:  # each rank its share of the queries; or memory-mapped features
+        t2i = search(text_in[t_0:t_1], image_in, cfg.search, "text->image")
+        i2t = search(image_in[i0:i1], text_in, cfg.search, "image->text")
+    else:
+        t2i, i2t = search_both_ways(text_in, image_in, cfg.search)
     if ctx.distributed:
         t2i = gather_rows(torch.from_numpy(t2i), n_txt, ctx).numpy()
         i2t = gather_rows(torch.from_numpy(i2t), n_img, ctx).numpy()

@@ -4,12 +4,17 @@ The original ranks every (id, score) pair with Python's stable sort on descendin
 scores keep gallery (feature-file) order: the lower index wins. `topk_chunked` reproduces that rule
 exactly without sorting whole rows and without ever holding a (Q, N) matrix:
 
-* each chunk's scores are float32 (fp16/bf16 inputs are upcast before the matmul, on every device);
-* `torch.topk` on the float scores finds each row's k best *values*; only when a row has more
-  scores equal to its k-th value than places left (a tie straddling the cut) is that row re-ranked
-  over the whole chunk;
+* scores are float32 (fp16/bf16 inputs are upcast before the matmul, on every device), computed
+  one tile of at most SCORE_TILE (and query_chunk x gallery_chunk) into one reused buffer;
+* each tile row's columns are split into groups of s; one pass takes the group maxima, `torch.topk`
+  on the maxima picks the k groups holding the row's best scores, and `torch.topk` over those
+  k * s candidates finds the k best *values*. Only when a tie straddles the cut (more scores equal
+  to the k-th value than places left), or the k-th value equals an unpicked group's max, is the
+  row re-ranked over the whole tile;
 * candidates are packed into unique int64 keys (order-preserving score bits << 32 | inverted index),
-  so merging the running top-k with a chunk is one `torch.topk` with a single correct answer.
+  so merging the running top-k with a tile is one `torch.topk` with a single correct answer;
+* `topk_both_ways` selects along the rows and along the columns of the same tile, so the two
+  directions of a retrieval evaluation cost one matmul instead of two.
 
 Given the same float32 scores, the result is identical to `topk_reference` (full matrix + stable
 sort) for any chunk sizes. The scores themselves are BLAS float32 dot products, whose last bit may
@@ -21,6 +26,7 @@ dot products are exact, e.g. for features on a coarse dyadic grid, which is what
 from __future__ import annotations
 
 import logging
+import math
 from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
@@ -37,6 +43,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 _LOW32 = 0xFFFFFFFF  # the low half of a key holds _LOW32 - index, so a lower index is a larger key
 _SHIFT = 1 << 32
+# Largest score tile (query rows, gallery rows): 256 MiB of float32. Big tiles amortise the per-row
+# cost of the selection over more scores; tuned on 2 CPU cores (benchmarks/RESULTS.md). `tile_sizes`
+# cuts the inputs into equal tiles no larger than this.
+SCORE_TILE = (4096, 16384)
 
 
 class MissingPredictionError(DataError):
@@ -131,33 +141,117 @@ def _decode(keys: Tensor) -> tuple[Tensor, Tensor]:
     return bits.view(torch.float32), indices
 
 
+def _check_scores(values: Tensor) -> None:
+    """`values` are selected scores; torch.topk and amax rank NaN first, so any NaN shows here."""
+    if torch.isnan(values).any():  # finite inputs can still overflow to inf - inf
+        raise DataError("top-k: a score is NaN (float32 overflow in a dot product); "
+                        "normalise the features")
+
+
 def _chunk_top_keys(scores: Tensor, m: int, offset: int) -> Tensor:
     """Keys of the m best entries of each row of `scores` (q, g) under the tie rule: (q, m)."""
     # One extra place tells whether a tie straddles the cut: more than m scores reach the m-th
     # value exactly when the (m+1)-th value equals it.
     extra = int(m < scores.shape[1])
     values, idx = torch.topk(scores, m + extra, dim=1)  # (q, m + extra); ties in any order
-    if torch.isnan(values).any():  # finite inputs can still overflow to inf - inf
-        raise DataError("top-k: a score is NaN (float32 overflow in a dot product); "
-                        "normalise the features")
+    _check_scores(values)
     keys = _keys_from(values[:, :m], idx[:, :m] + offset)  # (q, m)
     if extra:
         # topk's choice among the scores equal to the m-th value is arbitrary; where it could not
         # take them all, re-rank the row over the whole chunk with exact keys.
         rows = torch.nonzero(values[:, m] == values[:, m - 1]).flatten()
         if rows.numel():
-            index = torch.arange(offset, offset + scores.shape[1], device=scores.device)
-            keys[rows] = torch.topk(_keys_from(scores[rows], index), m, dim=1).values
+            keys[rows] = _exact_row_keys(scores[rows], m, offset)
     return keys
+
+
+def _exact_row_keys(scores: Tensor, m: int, offset: int) -> Tensor:
+    """The slow exact path for a few rows (r, g): keys for every entry, then topk: (r, m)."""
+    index = torch.arange(offset, offset + scores.shape[1], device=scores.device)
+    return torch.topk(_keys_from(scores, index), m, dim=1).values
+
+
+def _group_size(n: int, m: int) -> int:
+    """Entries per group for `_top_keys`: the power of two nearest sqrt(n / m), which balances the
+    topk over group maxima (n / s per row) against the topk over candidates (m * s per row)."""
+    return 1 << max(0, round(math.log2(math.sqrt(n / m))))
+
+
+def _top_keys(scores: Tensor, m: int, offset: int) -> Tensor:
+    """The same key set as `_chunk_top_keys(scores, m, offset)` (either in any order: `_merge`
+    sorts), selected mostly from group maxima.
+
+    `scores` (q, g) may be a transposed view. The g columns are split into G groups of s
+    (group r = columns r, r + G, r + 2G, ...; the last g - G*s columns are always candidates).
+    One pass takes each group's max (q, G); the m groups with the largest maxima hold every entry
+    that beats the (m+1)-th largest group max `t`, so when the m-th best candidate is above `t`
+    the row's top m lies among the m*s candidates. Rows where it equals `t` (an exact tie with an
+    unread entry) or where a tie straddles the cut are re-ranked over the whole row.
+    """
+    n_rows, n_cols = scores.shape
+    s = _group_size(n_cols, m)
+    n_groups = n_cols // s
+    if s < 4 or n_groups <= m:  # groups would not cut the work
+        return _chunk_top_keys(scores, m, offset)
+    device = scores.device
+    body = scores[:, :n_groups * s].view(n_rows, s, n_groups)  # (q, s, G), group r = body[:, :, r]
+    if body.stride(0) == 1:  # a transposed tile: reduce whole rows of memory, transpose the maxima
+        group_max = torch.amax(body.permute(1, 2, 0), dim=0).T.contiguous()  # (q, G)
+    else:
+        group_max = torch.amax(body, dim=1)  # (q, G); NaN propagates
+    top_max, top_group = torch.topk(group_max, m + 1, dim=1)  # (q, m + 1)
+    members = torch.arange(0, n_groups * s, n_groups, device=device)  # (s,) column offsets
+    cols = (top_group[:, :m, None] + members).flatten(1)  # (q, m * s)
+    if n_groups * s < n_cols:
+        tail = torch.arange(n_groups * s, n_cols, device=device).expand(n_rows, -1)
+        cols = torch.cat([cols, tail], dim=1)  # (q, m * s + tail)
+    values, pos = torch.topk(scores.gather(1, cols), m + 1, dim=1)  # (q, m + 1)
+    _check_scores(values)
+    keys = _keys_from(values[:, :m], cols.gather(1, pos[:, :m]) + offset)  # (q, m)
+    redo = (values[:, m] == values[:, m - 1]) | (values[:, m - 1] <= top_max[:, m])
+    rows = torch.nonzero(redo).flatten()
+    if rows.numel():
+        keys[rows] = _exact_row_keys(scores[rows], m, offset)
+    return keys
+
+
+def _merge(best: Tensor | None, keys: Tensor, k: int) -> Tensor:
+    """The k largest of two key sets per row, best first. Keys are unique, so topk has exactly
+    one answer, already sorted."""
+    if best is not None:
+        keys = torch.cat([best, keys], dim=1)  # (q, <= 2k)
+    return torch.topk(keys, min(k, keys.shape[1]), dim=1).values
+
+
+def _even_tile(n: int, cap: int) -> int:
+    """Rows per tile that cut n rows into the fewest tiles of at most `cap` rows, all of about one
+    size: on 2 CPU cores, 20,000 rows as 16,384 + 3,616 run the matmul ~10% slower than 2 x 10,000."""
+    return -(-n // -(-n // cap))
+
+
+def tile_sizes(n_query: int, n_gallery: int, query_chunk: int = 4096,
+               gallery_chunk: int = 65536) -> tuple[int, int]:
+    """The score tile (query rows, gallery rows) `topk_chunked` and `topk_both_ways` use for these
+    sizes: at most SCORE_TILE and query_chunk x gallery_chunk, cut evenly (the gallery figure is
+    for its first gallery_chunk rows; a shorter last chunk gets tiles no larger)."""
+    return (_even_tile(n_query, min(query_chunk, SCORE_TILE[0])),
+            _even_tile(min(n_gallery, gallery_chunk), min(gallery_chunk, SCORE_TILE[1])))
+
+
+def _scores_into(buffer: Tensor, query: Tensor, rows: Tensor) -> Tensor:
+    """query @ rows.T (q, g) float32, written into the front of `buffer`."""
+    scores = buffer[:query.shape[0] * rows.shape[0]].view(query.shape[0], rows.shape[0])
+    return torch.mm(query, rows.T, out=scores)
 
 
 @torch.no_grad()
 def topk_chunked(queries: Tensor, gallery: Gallery, k: int, *, query_chunk: int = 4096,
                  gallery_chunk: int = 65536, progress: bool = False) -> tuple[Tensor, Tensor]:
     """The k highest inner products of each query with the gallery, best first; equal scores keep
-    gallery order. Memory is one query_chunk x gallery_chunk float32 score block (plus, for rows
-    whose ties straddle the cut, int64 keys for those rows), never Q x N. On CUDA the matmul is
-    float32; if TF32 matmuls are enabled globally, scores are TF32-rounded.
+    gallery order. Memory is one float32 score tile of at most query_chunk x gallery_chunk, capped
+    at SCORE_TILE (plus, for rows whose ties straddle the cut, int64 keys for those rows), never
+    Q x N. On CUDA the matmul is float32; if TF32 matmuls are enabled globally, scores are
+    TF32-rounded.
 
     queries: (Q, D) float32/float16/bfloat16 tensor, on any device.
     gallery: (N, D) tensor or numpy array / np.memmap, read gallery_chunk rows at a time and
@@ -166,30 +260,66 @@ def topk_chunked(queries: Tensor, gallery: Gallery, k: int, *, query_chunk: int 
     Raises ConfigError for bad k or chunk sizes, DataError for bad shapes, dtypes, empty inputs
     or rows with NaN/inf.
     """
+    return _search(queries, gallery, k, query_chunk, gallery_chunk, progress, both_ways=False)[0]
+
+
+@torch.no_grad()
+def topk_both_ways(queries: Tensor, gallery: Gallery, k: int, *, query_chunk: int = 4096,
+                   gallery_chunk: int = 65536, progress: bool = False
+                   ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Top-k in both directions from one matmul per score tile, e.g. text->image and image->text:
+    ((values (Q, min(k, N)), indices) of each query's best gallery rows, (values (N, min(k, Q)),
+    indices) of each gallery row's best queries), i.e. `topk_chunked(queries, gallery, k)` and
+    `topk_chunked(gallery, queries, k)` computed from the same float32 scores, each with the tie
+    rule of its own direction. They equal those two calls whenever gallery @ queries.T is bitwise
+    the transpose of queries @ gallery.T: always for exact dot products (the tests' grid
+    features); for random features it held with MKL on CPU (benchmarks/bench_retrieval.py checks).
+
+    Arguments, dtypes, devices, memory and errors as `topk_chunked`, plus (N, min(k, Q)) int64
+    running keys for the gallery side.
+    """
+    ab, ba = _search(queries, gallery, k, query_chunk, gallery_chunk, progress, both_ways=True)
+    assert ba is not None  # both_ways=True always returns the second direction
+    return ab, ba
+
+
+def _search(queries: Tensor, gallery: Gallery, k: int, query_chunk: int, gallery_chunk: int,
+            progress: bool, both_ways: bool) -> tuple[tuple[Tensor, Tensor],
+                                                      tuple[Tensor, Tensor] | None]:
+    """The loop behind `topk_chunked` and `topk_both_ways`: for each query tile, each gallery
+    tile's scores are selected along rows and, when `both_ways`, along columns too."""
     _check_inputs(queries, gallery, k, query_chunk, gallery_chunk)
     n_query, n_gallery = queries.shape[0], gallery.shape[0]
-    k = min(k, n_gallery)
+    k_row, k_col = min(k, n_gallery), min(k, n_query)
     device = queries.device
-    values = torch.empty((n_query, k), dtype=torch.float32, device=device)  # (Q, k)
-    indices = torch.empty((n_query, k), dtype=torch.int64, device=device)  # (Q, k)
+    values = torch.empty((n_query, k_row), dtype=torch.float32, device=device)  # (Q, k)
+    indices = torch.empty((n_query, k_row), dtype=torch.int64, device=device)  # (Q, k)
+    tile_q, tile_g = tile_sizes(n_query, n_gallery, query_chunk, gallery_chunk)
+    # One buffer for every score tile, so no tile pays fresh page faults.
+    buffer = torch.empty(tile_q * tile_g, dtype=torch.float32, device=device)
+    best_col: dict[int, Tensor] = {}  # gallery tile start -> (g, <= k) keys of its best queries
 
-    starts: Iterable[int] = range(0, n_query, query_chunk)
+    starts: Iterable[int] = range(0, n_query, tile_q)
     if progress:
         from tqdm import tqdm
-        starts = tqdm(starts, desc="top-k", unit="query chunk")
+        starts = tqdm(starts, desc="top-k both ways" if both_ways else "top-k", unit="query tile")
     for q0 in starts:
-        query = queries[q0:q0 + query_chunk].to(torch.float32)  # (q, D)
+        query = queries[q0:q0 + tile_q].to(torch.float32)  # (q, D); no copy when already float32
         best = None  # (q, <= k) keys of the best hits so far
-        for g0 in range(0, n_gallery, gallery_chunk):
-            rows = _gallery_rows(gallery, g0, g0 + gallery_chunk, device)  # (g, D)
-            scores = query @ rows.T  # (q, g) float32
-            keys = _chunk_top_keys(scores, min(k, scores.shape[1]), g0)  # (q, min(k, g))
-            if best is not None:
-                keys = torch.cat([best, keys], dim=1)  # (q, <= 2k)
-            # Keys are unique, so topk has exactly one answer, already sorted best first.
-            best = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
-        values[q0:q0 + query_chunk], indices[q0:q0 + query_chunk] = _decode(best)
-    return values, indices
+        for c0 in range(0, n_gallery, gallery_chunk):
+            chunk = _gallery_rows(gallery, c0, c0 + gallery_chunk, device)  # (c, D)
+            tile = _even_tile(chunk.shape[0], tile_g)
+            for g0 in range(0, chunk.shape[0], tile):
+                scores = _scores_into(buffer, query, chunk[g0:g0 + tile])  # (q, g)
+                keys = _top_keys(scores, min(k_row, scores.shape[1]), c0 + g0)  # (q, <= k)
+                best = _merge(best, keys, k_row)
+                if both_ways:  # the same scores, column by column: (g, <= k) keys of query rows
+                    keys = _top_keys(scores.T, min(k_col, scores.shape[0]), q0)
+                    best_col[c0 + g0] = _merge(best_col.get(c0 + g0), keys, k_col)
+        values[q0:q0 + tile_q], indices[q0:q0 + tile_q] = _decode(best)
+    if not both_ways:
+        return (values, indices), None
+    return (values, indices), _decode(torch.cat([best_col[g0] for g0 in sorted(best_col)]))
 
 
 @torch.no_grad()

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from fklip.errors import ConfigError, DataError
-from fklip.retrieval import (MissingPredictionError, _decode, _keys_from, failure_json,
-                             recall_at_ks, score_json, topk_chunked, topk_reference)
+from fklip import retrieval
+from fklip.retrieval import (MissingPredictionError, _chunk_top_keys, _decode, _group_size,
+                             _keys_from, _merge, _top_keys, failure_json, recall_at_ks, score_json,
+                             topk_both_ways, topk_chunked, topk_reference)
 
 
 def grid_features(rows: int, dim: int, levels: int = 8, seed: int = 0) -> torch.Tensor:
@@ -146,6 +148,124 @@ def test_topk_cuda_matches_cpu_reference(dtype):
     assert_same((from_numpy[0].cpu(), from_numpy[1].cpu()), want)
 
 
+# ---- the group-max selection and the score tiles ----
+
+def scores_for(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A (rows, cols) score block: random floats, few distinct values (ties everywhere), or a
+    transposed view (the layout `topk_both_ways` selects columns from)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(rows, cols, generator=gen)
+    if kind == "ties":
+        return torch.randint(-6, 7, (rows, cols), generator=gen).float() / 4
+    return torch.randn(cols, rows, generator=gen).T  # "transposed": stride 1 along rows
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "transposed"])
+@pytest.mark.parametrize("cols", [1000, 1003, 4099])
+@pytest.mark.parametrize("m", [1, 3, 10, 40])
+def test_group_selection_matches_plain_topk(kind, cols, m):
+    """`_top_keys` (group maxima, then candidates) against `_chunk_top_keys` (topk on the whole
+    row) on the same scores: the same key sets (each in any order; `_merge` sorts them), ties and
+    unread groups included."""
+    scores = scores_for(kind, 57, cols, seed=cols + m)
+    assert _group_size(cols, m) >= 4 and cols // _group_size(cols, m) > m  # the grouped path runs
+    assert torch.equal(_merge(None, _top_keys(scores, m, 123), m),
+                       _merge(None, _chunk_top_keys(scores.contiguous(), m, 123), m))
+
+
+def test_group_selection_tie_with_an_unread_group():
+    """Row 0 holds 5.0 in two groups (columns 5 and 6) but m = 3 reads only one of them: the unread
+    group's max ties the 3rd value, so the row is re-ranked and the lower column, 5, wins."""
+    scores = torch.zeros(2, 64)
+    scores[0, [7, 9]] = 9.0  # the two best, in two groups
+    scores[0, [5, 6]] = 5.0  # heads of two more groups: the maxima's topk may read either first
+    scores[1] = torch.arange(64.0)
+    for m in (1, 2, 3, 4):
+        assert torch.equal(_merge(None, _top_keys(scores, m, 0), m),
+                           _merge(None, _chunk_top_keys(scores, m, 0), m))
+    assert _decode(_merge(None, _top_keys(scores, 3, 0), 3))[1][0].tolist() == [7, 9, 5]
+
+
+def test_score_tiles_smaller_than_chunks(monkeypatch):
+    """Tiles capped below the chunk sizes: several tiles per gallery chunk, offsets still right."""
+    monkeypatch.setattr(retrieval, "SCORE_TILE", (7, 50))
+    queries, gallery = grid_features(40, 8, seed=16), grid_features(333, 8, seed=17)
+    for k in (1, 10, 60):
+        got = topk_chunked(queries, gallery, k, query_chunk=16, gallery_chunk=120)
+        assert_same(got, topk_reference(queries, gallery, k))
+        ab, ba = topk_both_ways(queries, gallery, k, query_chunk=16, gallery_chunk=120)
+        assert_same(ab, topk_reference(queries, gallery, k))
+        assert_same(ba, topk_reference(gallery, queries, k))
+
+
+# ---- both directions from one matmul ----
+
+BOTH_WAYS_CASES = [  # (n_query, n_gallery, dim, query_chunk, gallery_chunk)
+    *[(1, 1, 1, *chunks) for chunks in [(1, 1), (3, 7)]],
+    *[(5, 3, 4, *chunks) for chunks in [(1, 1), (3, 7), (4096, 65536)]],
+    *[(13, 301, 16, *chunks) for chunks in [(3, 7), (16, 100), (4096, 65536)]],
+    # large enough for the grouped selection in both directions
+    *[(n_query, n_gallery, 8, *chunks) for n_query, n_gallery in [(300, 701), (1200, 90)]
+      for chunks in [(61, 256), (128, 500), (4096, 65536)]],
+]
+
+
+@pytest.mark.parametrize("n_query,n_gallery,dim,query_chunk,gallery_chunk", BOTH_WAYS_CASES)
+@pytest.mark.parametrize("k", [1, 10, 128])
+def test_topk_both_ways_matches_reference(n_query, n_gallery, dim, query_chunk, gallery_chunk, k):
+    queries, gallery = grid_features(n_query, dim, seed=18), grid_features(n_gallery, dim, seed=19)
+    ab, ba = topk_both_ways(queries, gallery, k, query_chunk=query_chunk, gallery_chunk=gallery_chunk)
+    assert_same(ab, topk_reference(queries, gallery, k))
+    assert_same(ba, topk_reference(gallery, queries, k))
+    assert ab[0].shape == (n_query, min(k, n_gallery)) and ba[0].shape == (n_gallery, min(k, n_query))
+
+
+def test_topk_both_ways_equals_two_calls():
+    queries = grid_features(500, 16, levels=2, seed=20)
+    gallery = grid_features(2100, 16, levels=2, seed=21)
+    ab, ba = topk_both_ways(queries, gallery, 25, query_chunk=200, gallery_chunk=1000)
+    assert_same(ab, topk_chunked(queries, gallery, 25, query_chunk=64, gallery_chunk=333))
+    assert_same(ba, topk_chunked(gallery, queries, 25, query_chunk=1000, gallery_chunk=200))
+
+
+def test_topk_both_ways_float_features_close_to_reference():
+    """Arbitrary floats, as `test_topk_float_features_close_to_reference`, in both directions."""
+    gen = torch.Generator().manual_seed(22)
+    queries = torch.nn.functional.normalize(torch.randn(300, 64, generator=gen), dim=1)
+    gallery = torch.nn.functional.normalize(torch.randn(900, 64, generator=gen), dim=1)
+    both = topk_both_ways(queries, gallery, 10, query_chunk=128, gallery_chunk=400)
+    for (values, indices), (a, b) in zip(both, [(queries, gallery), (gallery, queries)]):
+        ref_values, ref_indices = topk_reference(a, b, 11)
+        torch.testing.assert_close(values, ref_values[:, :10], rtol=0, atol=1e-5)
+        clear = (ref_values[:, :-1] - ref_values[:, 1:]).min(dim=1).values > 1e-4  # (rows,)
+        assert clear.sum() > 100
+        assert torch.equal(indices[clear], ref_indices[clear, :10])
+        assert torch.all(values[:, :-1] >= values[:, 1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_topk_both_ways_half_dtypes_and_memmap(tmp_path, dtype):
+    queries, gallery = grid_features(60, 8, seed=23), grid_features(700, 8, seed=24)
+    ab, ba = topk_both_ways(queries.to(dtype), gallery.to(dtype), 12, query_chunk=25,
+                            gallery_chunk=300)
+    assert_same(ab, topk_reference(queries, gallery, 12))
+    assert_same(ba, topk_reference(gallery, queries, 12))
+    mm = np.memmap(tmp_path / "gallery.bin", dtype=np.float16, mode="w+",
+                   shape=tuple(gallery.shape))
+    mm[:] = gallery.numpy()
+    ab, ba = topk_both_ways(queries, mm, 12, query_chunk=25, gallery_chunk=300)
+    assert_same(ab, topk_reference(queries, gallery, 12))
+    assert_same(ba, topk_reference(gallery, queries, 12))
+
+
+def test_topk_both_ways_progress(capsys):
+    queries, gallery = grid_features(10, 4, seed=25), grid_features(30, 4, seed=26)
+    ab, _ = topk_both_ways(queries.requires_grad_(), gallery, 3, query_chunk=3, progress=True)
+    assert not ab[0].requires_grad
+    assert "top-k both ways" in capsys.readouterr().err
+
+
 # ---- top-k errors ----
 
 def test_topk_reports_every_non_finite_row():
@@ -173,6 +293,18 @@ def test_topk_overflow_to_nan_is_an_error():
         topk_chunked(queries, gallery, 1)
 
 
+@pytest.mark.parametrize("kind", ["random", "transposed"])
+@pytest.mark.parametrize("nan_col", [0, 517, 1002])
+def test_nan_score_in_grouped_selection_is_an_error(kind, nan_col):
+    """Whether a NaN lands in a picked group, an unpicked one or the tail, amax carries it into
+    the group maxima and topk picks it first. (A score block is used directly: whether a BLAS
+    turns an overflow into NaN or inf depends on its kernel.)"""
+    scores = scores_for(kind, 70, 1003, seed=27)
+    scores[33, nan_col] = float("nan")
+    with pytest.raises(DataError, match="NaN"):
+        _top_keys(scores, 3, 0)
+
+
 @pytest.mark.parametrize("queries,gallery,match", [
     (torch.zeros(2, 3), torch.zeros(5, 4), "dim 3 but gallery rows have dim 4"),
     (torch.zeros(3), torch.zeros(5, 3), "queries must be 2-D"),
@@ -197,6 +329,8 @@ def test_topk_bad_inputs(queries, gallery, match):
 def test_topk_bad_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         topk_chunked(torch.zeros(2, 3), torch.zeros(5, 3), **kwargs)
+    with pytest.raises(ConfigError, match=match):
+        topk_both_ways(torch.zeros(2, 3), torch.zeros(5, 3), **kwargs)
 
 
 # ---- recall and the score JSON ----
