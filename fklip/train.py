@@ -56,6 +56,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
 
     from fklip.data.archive import ImageArchive, model_input_from_batch
     from fklip.data.jsonl import read_train_queries
+    from fklip.encode import prepare_model
     from fklip.losses import ConceptLoss, ContrastiveLoss, combine, gather_with_grad
     from fklip.model import ModelSpec, build_model, build_tokenizer, encode_text_trimmed, load_checkpoint
     from fklip.schedule import build_optimizer, clamp_logit_scale, cosine_lr, set_lr
@@ -93,7 +94,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
     if cfg.is_concept:
         from fklip.knowledge import RowLookup
 
-        vocabs, tables, kb_archives = _load_knowledge_inputs(cfg, queries, spec, ctx)
+        vocabs, tables, kb_archives = _load_knowledge_inputs(cfg, queries, spec)
         lookups = {kind: RowLookup(vocab.rows) for kind, (vocab, _) in vocabs.items()}
     train_set = TrainSet(queries, archive, tokenizer, tables)
     batches = train_set.batches_per_epoch(cfg.batch_size, ctx.world_size)
@@ -102,12 +103,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
                           f"the {len(train_set)} training samples of {cfg.train_data}")
     val = load_val(cfg.val_data, cfg.val_img, spec) if cfg.val_data is not None else None
 
-    model = model.to(device).train()
+    model = prepare_model(model, device, cfg.precision).train()  # bf16/fp16 cast the weights
     optimizer = build_optimizer(model, cfg.lr, cfg.wd)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" else None
     autocast = _autocast(cfg.precision, device)
-    if cfg.precision in ("bf16", "fp16"):
-        model = model.to(torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
     contrastive, concept = ContrastiveLoss(), ConceptLoss(transposed_indexing=cfg.original_indexing)
     weight_mode = cfg.concept_loss_weight if cfg.concept_loss_weight == "auto" else float(cfg.concept_loss_weight)
     total_steps, start_epoch, knowledge = batches * cfg.epochs, 0, None
@@ -314,7 +313,7 @@ def refresh_knowledge(model, kb_archives, vocabs: dict, ctx: DistContext, batch_
     return Knowledge(kb_emb, retrieved)
 
 
-def _load_knowledge_inputs(cfg: TrainConfig, queries, spec, ctx: DistContext):
+def _load_knowledge_inputs(cfg: TrainConfig, queries, spec):
     """Vocabularies, per-query concept tables and KB archives (ids de-duplicated across files)."""
     from fklip.data.archive import ImageArchive
     from fklip.knowledge import build_concept_table, load_vocabulary
