@@ -17,7 +17,6 @@ from fklip.errors import FklipError, NotAvailableError
 
 # Commands that later releases fill in: name -> (what it will do, the issue that tracks it).
 PENDING = {
-    "export": ("ONNX and TensorRT export with a parity check", 5),
     "bench": ("throughput benchmarks against open_clip", 6),
 }
 
@@ -266,6 +265,60 @@ def eval_command(image_data, text_data, image_standard_path, output_dir, save_fe
         t = metrics["timings_s"]
         click.echo(f"load {t['load']:.1f}s, encode {t['encode']:.1f}s, search {t['search']:.1f}s, "
                    f"total {t['total']:.1f}s; wrote {output_dir}")
+
+
+# ---------------------------------------------------------------- export
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Export folder: image.onnx, text.onnx, manifest.json (and int8 graphs, engines).")
+@click.option("--onnx", "onnx_", is_flag=True, help="ONNX graphs (always written; the default).")
+@click.option("--trt", is_flag=True, help="Also TensorRT engines (needs the trt extra and a CUDA GPU).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Compute precision written into the graphs; LayerNorm, softmax and the output norm stay fp32.")
+@click.option("--opt-batch", type=int, default=64, show_default=True, help="TensorRT profile: the batch to tune for.")
+@click.option("--max-batch", type=int, default=256, show_default=True,
+              help="TensorRT profile: the largest batch (runners split larger ones).")
+@click.option("--int8", is_flag=True, help="Also onnxruntime dynamic-int8 graphs for CPU serving (fp32 only).")
+@click.option("--uint8-input", is_flag=True, help="The image graph takes uint8 (B, H, W, 3) pixels.")
+@click.option("--ids-dtype", type=click.Choice(["int32", "int64"]), default="int32", show_default=True,
+              help="Dtype of the text graph's token ids (runners accept either).")
+@click.option("--parity-images", type=click.Path(path_type=Path),
+              help="Image archive (.npz) whose first --parity-samples images join the parity check.")
+@click.option("--parity-texts", type=click.Path(path_type=Path),
+              help="Queries (JSON lines) whose first --parity-samples captions join the parity check.")
+@click.option("--parity-samples", type=int, default=64, show_default=True)
+@click.option("--model", default=None, help="Architecture for checkpoints that do not record one.")
+@click.option("--truncation", type=click.Choice(["original", "openai"]), default=None,
+              help="Override the checkpoint's tokenizer truncation (recorded in the manifest).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that hold Python objects beyond tensors.")
+@click.option("--force", is_flag=True, help="Replace an earlier export in --out.")
+def export(checkpoint, out, onnx_, trt, precision, opt_batch, max_batch, int8, uint8_input, ids_dtype,
+           parity_images, parity_texts, parity_samples, model, truncation, trust_checkpoint, force) -> None:
+    """Export a checkpoint's towers to ONNX (and TensorRT), each checked against PyTorch.
+
+    A failed check leaves nothing behind; manifest.json records files, hashes, IO, the tolerances
+    met and the figures measured.
+    """
+    from export.pipeline import run_export
+    from fklip.config import ExportConfig
+
+    cfg = ExportConfig(checkpoint=checkpoint, out=out, model=model, truncation=truncation,
+                       trust_checkpoint=trust_checkpoint, trt=trt, precision=precision, opt_batch=opt_batch,
+                       max_batch=max_batch, int8=int8, uint8_input=uint8_input, ids_dtype=ids_dtype,
+                       parity_images=parity_images, parity_texts=parity_texts,
+                       parity_samples=parity_samples, force=force)
+    manifest = run_export(cfg)
+    sections = [("onnx", manifest["towers"])] + [(k, manifest[k]) for k in ("int8", "trt") if manifest[k]]
+    for kind, entries in sections:
+        for tower in ("image", "text"):
+            p = entries[tower]["parity"]
+            checks = ", ".join(f"{k} min cos {v['min_cosine']:.6f} max abs {v['max_abs']:.2g} ({v['samples']})"
+                               for k, v in p.items() if k in ("random", "real"))
+            click.echo(f"{kind:<4} {tower:<5} {entries[tower]['file']}: {checks}")
+    click.echo(f"wrote {out} ({precision}); manifest {out / 'manifest.json'}")
 
 
 # ---------------------------------------------------------------- train

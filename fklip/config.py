@@ -280,3 +280,38 @@ class TrainConfig:
         if self.use_kb_concepts and not (self.kb_txt_id_filename or self.kb_concept_data):
             raise ConfigError("--use-kb-concepts needs --kb-txt-id-filename or --kb-concept-data "
                               "(or pass --no-use-kb-concepts)")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`fklip export`: a checkpoint to ONNX graphs (and TensorRT engines), with a parity check."""
+
+    checkpoint: Path
+    out: Path
+    model: str | None = None
+    truncation: str | None = None
+    trust_checkpoint: bool = False
+    trt: bool = False
+    precision: str = "fp32"
+    opt_batch: int = 64
+    max_batch: int = 256
+    int8: bool = False
+    uint8_input: bool = False
+    ids_dtype: str = "int32"
+    parity_images: Path | None = None
+    parity_texts: Path | None = None
+    parity_samples: int = 64
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"--precision: expected fp32, fp16 or bf16, got {self.precision!r}")
+        if self.ids_dtype not in ("int32", "int64"):
+            raise ConfigError(f"--ids-dtype: expected int32 or int64, got {self.ids_dtype!r}")
+        check_positive(self.opt_batch, "--opt-batch")
+        check_positive(self.max_batch, "--max-batch")
+        check_positive(self.parity_samples, "--parity-samples")
+        if self.opt_batch > self.max_batch:
+            raise ConfigError(f"--opt-batch {self.opt_batch} is larger than --max-batch {self.max_batch}")
+        if self.int8 and self.precision != "fp32":
+            raise ConfigError("--int8 quantises the fp32 graphs for CPU serving; use it with --precision fp32")

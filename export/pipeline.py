@@ -1,0 +1,202 @@
+"""`fklip export`: checkpoint -> ONNX graphs (-> int8 graphs, TensorRT engines), each checked
+against the PyTorch model, described by `manifest.json`.
+
+Everything is written into a hidden folder beside `--out` and renamed into place only when
+every check passed, so a failed export leaves nothing behind (and an earlier export intact).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from export.manifest import MANIFEST_NAME, build_manifest, file_entry, sha256_of
+from export.onnx_export import ExportError, onnx_from_tower, ort_session, require_onnx
+from export.parity import check_tower
+from export.specs import TOLERANCES, TowerSpec, image_tower_spec, text_tower_spec
+from fklip.config import ExportConfig
+from fklip.errors import ConfigError, raise_collected
+
+logger = logging.getLogger(__name__)
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    """Export, check and describe; returns the manifest written to `cfg.out / manifest.json`."""
+    from fklip.io import write_json
+    from fklip.model import load_checkpoint
+
+    require_onnx()
+    trt_facts = _trt_preflight() if cfg.trt else None  # before any slow work
+    _check_out(cfg.out, cfg.force)
+    ckpt = load_checkpoint(cfg.checkpoint, model_name=cfg.model, truncation=cfg.truncation,
+                           trust=cfg.trust_checkpoint)
+    spec = ckpt.spec
+    specs = {"image": image_tower_spec(spec.image_size, spec.embed_dim, cfg.uint8_input),
+             "text": text_tower_spec(spec.context_length, spec.embed_dim, cfg.ids_dtype)}
+    real = _real_inputs(cfg, ckpt, specs)
+
+    tmp = cfg.out.parent / f".{cfg.out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        towers = _export_towers(ckpt.model, specs, real, cfg.precision, cfg.uint8_input, tmp)
+        int8 = _export_int8(ckpt.model, specs, real, tmp) if cfg.int8 else None
+        trt = None
+        if cfg.trt:
+            trt = _build_engines(ckpt.model, specs, real, towers, cfg, trt_facts, tmp)
+        manifest = build_manifest(
+            model={"name": spec.name, "embed_dim": spec.embed_dim, "image_size": spec.image_size,
+                   "context_length": spec.context_length, "truncation": spec.truncation},
+            precision=cfg.precision, uint8_input=cfg.uint8_input, opset=towers["image"]["opset"],
+            profile={"opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch},
+            source={"checkpoint": str(cfg.checkpoint.resolve()), "sha256": sha256_of(cfg.checkpoint),
+                    "format": ckpt.source_format, "epoch": ckpt.epoch},
+            towers=towers, int8=int8, trt=trt)
+        write_json(tmp / MANIFEST_NAME, manifest)
+        _move_into_place(tmp, cfg.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST_NAME).is_file():
+            raise ConfigError(f"--out {out}: folder is not empty and holds no fklip export; "
+                              "choose a new folder")
+        if not force:
+            raise ConfigError(f"--out {out}: holds an earlier export; pass --force to replace it")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder over `out`; an earlier export is removed only after that."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _trt_preflight() -> dict:
+    """TensorRT importable and a CUDA GPU present, or one line saying what is missing."""
+    from export.trt import device_facts, require_tensorrt
+
+    require_tensorrt()
+    return device_facts()
+
+
+def _real_inputs(cfg: ExportConfig, ckpt, specs: dict[str, TowerSpec]) -> dict[str, np.ndarray | None]:
+    """Up to `--parity-samples` real images and captions, in the graphs' input encodings."""
+    real: dict[str, np.ndarray | None] = {"image": None, "text": None}
+    n = cfg.parity_samples
+    if cfg.parity_images is not None:
+        from fklip.data.archive import ImageArchive, normalized_from_pixels, pixels_from_normalized
+
+        with ImageArchive(cfg.parity_images) as archive:
+            archive.check_image_size(ckpt.spec.image_size, ckpt.spec.name)
+            batch = archive.read_batch(list(archive.ids)[:n])
+            encoding = archive.encoding
+        want_uint8 = specs["image"].input.dtype == "uint8"
+        if want_uint8 and encoding == "float32_chw":
+            batch = np.stack([pixels_from_normalized(x) for x in batch])
+        elif not want_uint8 and encoding == "uint8_hwc":
+            batch = np.stack([normalized_from_pixels(x) for x in batch])
+        real["image"] = batch
+    if cfg.parity_texts is not None:
+        from fklip.data.jsonl import read_text_queries
+        from fklip.model import build_tokenizer
+
+        queries = read_text_queries(cfg.parity_texts)[:n]
+        ids = build_tokenizer(ckpt.spec)([q.query_text for q in queries]).numpy()
+        real["text"] = ids.astype(specs["text"].input.dtype)
+    return real
+
+
+def _graph_runner(path: Path, spec: TowerSpec) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """A function running the graph on a batch, and what runs it.
+
+    onnxruntime's CPU provider where it has kernels for every node; bf16 graphs (no CPU kernels
+    in onnxruntime) go through ONNX's reference evaluator, which computes in bf16 as written.
+    """
+    name = spec.input.name
+    try:
+        session = ort_session(path)
+    except Exception as e:  # onnxruntime raises its own NotImplemented for missing kernels
+        if "NOT_IMPLEMENTED" not in str(e):
+            raise
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(str(path))
+        logger.info("onnxruntime has no CPU kernel for a node of %s; validating with onnx.reference",
+                    path.name)
+        return (lambda x: evaluator.run(None, {name: x})[0]), "onnx.reference.ReferenceEvaluator"
+    return (lambda x: session.run(None, {name: x})[0]), "onnxruntime CPUExecutionProvider"
+
+
+def _export_towers(model, specs, real, precision: str, uint8_input: bool, folder: Path) -> dict:
+    from export.towers import build_towers
+
+    towers = build_towers(model, precision, uint8_input)
+    entries, problems = {}, []
+    for name, spec in specs.items():
+        path = folder / spec.file_name
+        info = onnx_from_tower(towers[name], spec, path)
+        run, validator = _graph_runner(path, spec)
+        started = time.perf_counter()
+        report, failed = check_tower(run, model, spec, real[name], TOLERANCES[precision])
+        report.update(validator=validator, check_s=round(time.perf_counter() - started, 3))
+        problems += [f"{name} tower: {p}" for p in failed]
+        entries[name] = {**file_entry(path), **spec.as_dict(), **info, "precision": precision,
+                         "parity": report}
+        logger.info("%s tower parity (%s): %s", name, validator, report)
+    raise_collected(problems, f"export at {precision} is outside its tolerance "
+                    f"({TOLERANCES[precision].as_dict()}); nothing was written", ExportError)
+    return entries
+
+
+def _export_int8(model, specs, real, folder: Path) -> dict:
+    from export.quantize import int8_from_onnx
+
+    entries, problems = {}, []
+    for name, spec in specs.items():
+        src, dst = folder / spec.file_name, folder / f"{name}.int8.onnx"
+        info = int8_from_onnx(src, dst)
+        run, validator = _graph_runner(dst, spec)
+        report, failed = check_tower(run, model, spec, real[name], TOLERANCES["int8"])
+        report["validator"] = validator
+        problems += [f"{name} tower: {p}" for p in failed]
+        entries[name] = {**file_entry(dst), **info, "parity": report}
+    raise_collected(problems, "--int8: quantised graphs are outside tolerance; nothing was written",
+                    ExportError)
+    return entries
+
+
+def _build_engines(model, specs, real, towers: dict, cfg: ExportConfig, facts: dict, folder: Path) -> dict:
+    """TensorRT engines from the checked graphs, each checked against PyTorch after the build."""
+    from engines.trt_runner import run_engine_once
+    from export.profiles import profiles_for
+    from export.trt import load_or_build_engine
+
+    entries, problems = {"device": facts}, []
+    for name, spec in specs.items():
+        profiles = profiles_for(spec, cfg.opt_batch, cfg.max_batch)
+        engine_path, key, _ = load_or_build_engine(folder, name, folder / spec.file_name,
+                                                   towers[name]["sha256"], cfg.precision, profiles, facts)
+        run = run_engine_once(engine_path, spec)
+        report, failed = check_tower(run, model, spec, real[name], TOLERANCES[cfg.precision])
+        problems += [f"{name} engine: {p}" for p in failed]
+        entries[name] = {"file": str(engine_path.relative_to(folder)), "key": key,
+                         "sha256": sha256_of(engine_path),
+                         "profiles": {k: v.as_dict() for k, v in profiles.items()}, "parity": report}
+    raise_collected(problems, "--trt: engines are outside tolerance; nothing was written", ExportError)
+    return entries

@@ -1,0 +1,225 @@
+"""Export-ready towers: open_clip's image and text encoders re-stated for ONNX and TensorRT.
+
+The modules here reuse the model's own weights and compute the same function as
+`model.encode_image` / `model.encode_text` followed by L2 normalisation, written so that the
+exported graph is explicit about precision and shapes:
+
+- LayerNorm runs in fp32 whatever the compute dtype (one LayerNormalization node with casts
+  around it), and so does the attention softmax and the final normalisation: the fp16/bf16
+  graphs keep the parts that overflow or lose digits in fp32, and TensorRT's strongly typed
+  builder takes the precision from the graph itself.
+- Attention is written out (q/k/v projection, scaled scores, masked fp32 softmax), so the
+  causal text mask is an explicit Add that cannot be dropped, sliced to the batch's length.
+- Batch and text length are dynamic; the text tower pools at the largest id (the end token).
+- Optionally the image tower takes uint8 (B, H, W, 3) pixels and folds the CLIP normalisation
+  into one multiply-add per channel.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fklip.data.archive import CLIP_MEAN, CLIP_STD
+from fklip.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# A finite stand-in for -inf in the causal mask: exp() of it underflows to exactly 0 in fp32,
+# like -inf, without relying on every runtime's handling of infinities.
+MASK_VALUE = -1e9
+
+
+class Fp32LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 on an input of any dtype; the result is cast back."""
+
+    def __init__(self, ln: nn.LayerNorm):
+        super().__init__()
+        self.normalized_shape = tuple(ln.normalized_shape)
+        self.eps = ln.eps
+        self.weight = nn.Parameter(ln.weight.detach().float().clone())
+        self.bias = nn.Parameter(ln.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.to(x.dtype)
+
+
+class ExportAttention(nn.Module):
+    """nn.MultiheadAttention (batch first, self-attention) with the softmax in fp32."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not mha.batch_first or not mha._qkv_same_embed_dim or mha.in_proj_bias is None:
+            raise ConfigError("export: only batch-first self-attention with biases is supported")
+        self.heads = mha.num_heads
+        self.head_dim = mha.embed_dim // mha.num_heads
+        self.in_proj = nn.Linear(mha.embed_dim, 3 * mha.embed_dim)
+        self.in_proj.weight = nn.Parameter(mha.in_proj_weight.detach().clone())
+        self.in_proj.bias = nn.Parameter(mha.in_proj_bias.detach().clone())
+        self.out_proj = copy.deepcopy(mha.out_proj)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        qkv = self.in_proj(x).unflatten(-1, (3, self.heads, self.head_dim))  # (B, L, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
+        scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, L)
+        scores = scores.float()
+        if mask is not None:
+            scores = scores + mask  # (L, L) fp32, 0 or MASK_VALUE
+        attn = scores.softmax(dim=-1).to(v.dtype)
+        out = (attn @ v).transpose(1, 2).flatten(2)  # (B, L, W)
+        return self.out_proj(out)
+
+
+class ExportBlock(nn.Module):
+    """open_clip's ResidualAttentionBlock (pre-norm attention and MLP, optional LayerScale)."""
+
+    def __init__(self, block):
+        super().__init__()
+        if hasattr(block, "ln_1_kv"):
+            raise ConfigError("export: cross-attention blocks are not supported")
+        self.ln_1 = Fp32LayerNorm(block.ln_1)
+        self.attn = ExportAttention(block.attn)
+        self.ls_1 = copy.deepcopy(block.ls_1)
+        self.ln_2 = Fp32LayerNorm(block.ln_2)
+        self.mlp = copy.deepcopy(block.mlp)
+        self.ls_2 = copy.deepcopy(block.ls_2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.ls_1(self.attn(self.ln_1(x), mask))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+def _blocks(transformer) -> nn.ModuleList:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    if not transformer.batch_first:
+        raise ConfigError("export: only batch-first transformers are supported")
+    for block in transformer.resblocks:
+        if type(block) is not ResidualAttentionBlock:
+            raise ConfigError(f"export: unsupported block type {type(block).__name__}")
+    return nn.ModuleList(ExportBlock(b) for b in transformer.resblocks)
+
+
+def _normalized(emb: torch.Tensor) -> torch.Tensor:
+    emb = emb.float()
+    return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class ImageTower(nn.Module):
+    """Pixels -> L2-normalised image embedding (B, D) float32 (open_clip's VisionTransformer)."""
+
+    def __init__(self, visual, precision: str = "fp32", uint8_input: bool = False):
+        super().__init__()
+        from open_clip.transformer import VisionTransformer
+
+        if type(visual) is not VisionTransformer:
+            raise ConfigError(f"export: unsupported image tower {type(visual).__name__}; "
+                              "fklip exports open_clip VisionTransformer towers")
+        if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
+            raise ConfigError("export: attention pooling is not supported")
+        if visual.output_tokens:
+            raise ConfigError("export: towers that output tokens are not supported")
+        self.dtype = DTYPES[precision]
+        self.uint8_input = uint8_input
+        self.pool_type = visual.pool_type
+        self.final_ln_after_pool = visual.final_ln_after_pool
+        self.conv1 = copy.deepcopy(visual.conv1)
+        self.class_embedding = nn.Parameter(visual.class_embedding.detach().clone())
+        self.positional_embedding = nn.Parameter(visual.positional_embedding.detach().clone())
+        self.ln_pre = Fp32LayerNorm(visual.ln_pre) if isinstance(visual.ln_pre, nn.LayerNorm) else nn.Identity()
+        self.blocks = _blocks(visual.transformer)
+        self.ln_post = Fp32LayerNorm(visual.ln_post)
+        self.proj = nn.Parameter(visual.proj.detach().clone()) if visual.proj is not None else None
+        # uint8 pixels: x / 255 then (x - mean) / std, folded into x * scale + shift (fp32)
+        std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("pixel_shift", -mean / std, persistent=False)
+        _cast_except_layernorm(self, self.dtype)
+        self.conv_dtype = torch.float32 if precision == "bf16" else self.dtype
+        self.conv1.to(self.conv_dtype)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.uint8_input:
+            # (B, H, W, 3) uint8 -> (B, 3, H, W) normalised fp32
+            pixels = pixels.permute(0, 3, 1, 2).float() * self.pixel_scale + self.pixel_shift
+        # the patch embedding runs in fp32 under bf16: ONNX Conv has no bfloat16 before opset 22
+        x = self.conv1(pixels.to(self.conv_dtype)).to(self.dtype)  # (B, W, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
+        cls = self.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding  # (B, 1 + g*g, W)
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.final_ln_after_pool:
+            x = self.ln_post(self._pool(x))
+        else:
+            x = self._pool(self.ln_post(x))  # (B, W)
+        if self.proj is not None:
+            x = x @ self.proj  # (B, D)
+        return _normalized(x)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] if self.pool_type == "tok" else x[:, 1:].mean(dim=1)
+
+
+class TextTower(nn.Module):
+    """Token ids (B, L) -> L2-normalised text embedding (B, D) float32 (open_clip's CLIP text)."""
+
+    def __init__(self, model, precision: str = "fp32"):
+        super().__init__()
+        from open_clip.model import CLIP
+
+        if type(model) is not CLIP:
+            raise ConfigError(f"export: unsupported text tower in {type(model).__name__}; "
+                              "fklip exports CLIP-style text towers")
+        if model.text_pool_type != "argmax" or model.attn_mask is None:
+            raise ConfigError("export: the text tower must be causal and pool at the end token")
+        self.dtype = DTYPES[precision]
+        self.token_embedding = copy.deepcopy(model.token_embedding)
+        self.positional_embedding = nn.Parameter(model.positional_embedding.detach().clone())
+        self.blocks = _blocks(model.transformer)
+        self.ln_final = Fp32LayerNorm(model.ln_final)
+        proj = model.text_projection
+        if isinstance(proj, nn.Linear):
+            raise ConfigError("export: linear text projections are not supported")
+        self.text_projection = nn.Parameter(proj.detach().clone()) if proj is not None else None
+        n = model.positional_embedding.shape[0]
+        causal = torch.full((n, n), MASK_VALUE, dtype=torch.float32).triu_(1)  # (n, n) 0 on and below
+        self.register_buffer("mask", causal, persistent=False)
+        _cast_except_layernorm(self, self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        x = self.token_embedding(ids) + self.positional_embedding[:length]  # (B, L, W)
+        mask = self.mask[:length, :length]
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.ln_final(x)
+        # pool at the largest id (the end token); ids < 2**24 are exact in fp32
+        pool = ids.float().argmax(dim=-1)  # (B,)
+        rows = torch.arange(ids.shape[0], device=ids.device) * length + pool  # (B,) rows of (B * L, W)
+        x = x.flatten(0, 1).index_select(0, rows)  # (B, W)
+        if self.text_projection is not None:
+            x = x @ self.text_projection  # (B, D)
+        return _normalized(x)
+
+
+def _cast_except_layernorm(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters to `dtype`, except the fp32 LayerNorms' and buffers (mask, pixel folding)."""
+    keep = {id(p) for m in module.modules() if isinstance(m, Fp32LayerNorm) for p in m.parameters()}
+    for p in module.parameters():
+        if id(p) not in keep:
+            p.data = p.data.to(dtype)
+
+
+def build_towers(model, precision: str = "fp32", uint8_input: bool = False) -> dict[str, nn.Module]:
+    """{"image": ImageTower, "text": TextTower} in eval mode on the CPU."""
+    if precision not in DTYPES:
+        raise ConfigError(f"--precision: expected one of {', '.join(DTYPES)}, got {precision!r}")
+    model = model.float().cpu().eval()
+    towers = {"image": ImageTower(model.visual, precision, uint8_input), "text": TextTower(model, precision)}
+    return {name: tower.eval() for name, tower in towers.items()}
