@@ -8,8 +8,8 @@ the precision decides, and a NaN anywhere fails.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -11,8 +11,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -32,6 +32,9 @@ def run_export(cfg: ExportConfig) -> dict:
     from fklip.model import load_checkpoint
 
     require_onnx()
+    for flag, path in (("--parity-images", cfg.parity_images), ("--parity-texts", cfg.parity_texts)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
     trt_facts = _trt_preflight() if cfg.trt else None  # before any slow work
     _check_out(cfg.out, cfg.force)
     ckpt = load_checkpoint(cfg.checkpoint, model_name=cfg.model, truncation=cfg.truncation,
@@ -47,22 +50,28 @@ def run_export(cfg: ExportConfig) -> dict:
     try:
         towers = _export_towers(ckpt.model, specs, real, cfg.precision, cfg.uint8_input, tmp)
         int8 = _export_int8(ckpt.model, specs, real, tmp) if cfg.int8 else None
-        trt = None
-        if cfg.trt:
-            trt = _build_engines(ckpt.model, specs, real, towers, cfg, trt_facts, tmp)
-        manifest = build_manifest(
-            model={"name": spec.name, "embed_dim": spec.embed_dim, "image_size": spec.image_size,
-                   "context_length": spec.context_length, "truncation": spec.truncation},
-            precision=cfg.precision, uint8_input=cfg.uint8_input, opset=towers["image"]["opset"],
-            profile={"opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch},
-            source={"checkpoint": str(cfg.checkpoint.resolve()), "sha256": sha256_of(cfg.checkpoint),
-                    "format": ckpt.source_format, "epoch": ckpt.epoch},
-            towers=towers, int8=int8, trt=trt)
+        manifest = _manifest(cfg, ckpt, towers, int8, trt=None)
         write_json(tmp / MANIFEST_NAME, manifest)
+        if cfg.trt:  # the trt runner reads the manifest above; the engines join it after
+            trt = {"device": trt_facts, **_build_engines(ckpt.model, specs, real, tmp, cfg.precision)}
+            manifest = _manifest(cfg, ckpt, towers, int8, trt)
+            write_json(tmp / MANIFEST_NAME, manifest)
         _move_into_place(tmp, cfg.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _manifest(cfg: ExportConfig, ckpt, towers: dict, int8: dict | None, trt: dict | None) -> dict:
+    spec = ckpt.spec
+    return build_manifest(
+        model={"name": spec.name, "embed_dim": spec.embed_dim, "image_size": spec.image_size,
+               "context_length": spec.context_length, "truncation": spec.truncation},
+        precision=cfg.precision, uint8_input=cfg.uint8_input, opset=towers["image"]["opset"],
+        profile={"opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch},
+        source={"checkpoint": str(cfg.checkpoint.resolve()), "sha256": sha256_of(cfg.checkpoint),
+                "format": ckpt.source_format, "epoch": ckpt.epoch},
+        towers=towers, int8=int8, trt=trt)
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -100,7 +109,11 @@ def _real_inputs(cfg: ExportConfig, ckpt, specs: dict[str, TowerSpec]) -> dict[s
     real: dict[str, np.ndarray | None] = {"image": None, "text": None}
     n = cfg.parity_samples
     if cfg.parity_images is not None:
-        from fklip.data.archive import ImageArchive, normalized_from_pixels, pixels_from_normalized
+        from fklip.data.archive import (
+            ImageArchive,
+            normalized_from_pixels,
+            pixels_from_normalized,
+        )
 
         with ImageArchive(cfg.parity_images) as archive:
             archive.check_image_size(ckpt.spec.image_size, ckpt.spec.name)
@@ -181,22 +194,20 @@ def _export_int8(model, specs, real, folder: Path) -> dict:
     return entries
 
 
-def _build_engines(model, specs, real, towers: dict, cfg: ExportConfig, facts: dict, folder: Path) -> dict:
-    """TensorRT engines from the checked graphs, each checked against PyTorch after the build."""
-    from engines.trt_runner import run_engine_once
-    from export.profiles import profiles_for
-    from export.trt import load_or_build_engine
+def _build_engines(model, specs, real, folder: Path, precision: str) -> dict:
+    """TensorRT engines from the checked graphs (built by the trt runner from the manifest in
+    `folder`, as `fklip eval --engine trt` would), each checked against PyTorch after the build."""
+    from engines.base import RunnerConfig
+    from engines.trt_runner import TrtRunner
 
-    entries, problems = {"device": facts}, []
-    for name, spec in specs.items():
-        profiles = profiles_for(spec, cfg.opt_batch, cfg.max_batch)
-        engine_path, key, _ = load_or_build_engine(folder, name, folder / spec.file_name,
-                                                   towers[name]["sha256"], cfg.precision, profiles, facts)
-        run = run_engine_once(engine_path, spec)
-        report, failed = check_tower(run, model, spec, real[name], TOLERANCES[cfg.precision])
-        problems += [f"{name} engine: {p}" for p in failed]
-        entries[name] = {"file": str(engine_path.relative_to(folder)), "key": key,
-                         "sha256": sha256_of(engine_path),
-                         "profiles": {k: v.as_dict() for k, v in profiles.items()}, "parity": report}
+    entries, problems = {}, []
+    with TrtRunner(RunnerConfig(backend="trt", engine_dir=folder)) as runner:
+        runs = {"image": runner.encode_images, "text": runner.encode_texts}
+        for name, spec in specs.items():
+            report, failed = check_tower(runs[name], model, spec, real[name], TOLERANCES[precision])
+            problems += [f"{name} engine: {p}" for p in failed]
+            plan = runner._towers[name].plan
+            entries[name] = {"file": str(plan.relative_to(folder)), "key": runner.engine_keys[name],
+                             "sha256": sha256_of(plan), "parity": report}
     raise_collected(problems, "--trt: engines are outside tolerance; nothing was written", ExportError)
     return entries

@@ -36,7 +36,7 @@ def test_pending_commands_say_so_and_exit_3(name):
 def test_python_dash_m_is_the_same_cli():
     result = run_fklip("--version")
     assert result.returncode == 0 and "fklip, version" in result.stdout
-    result = run_fklip("export")
+    result = run_fklip("bench")
     assert result.returncode == 3 and "Traceback" not in result.stderr
 
 
