@@ -164,8 +164,8 @@ def run_predict(cfg: PredictConfig) -> dict:
     from fklip.features import check_same_dim, read_features
 
     t0 = time.perf_counter()
-    images = read_features(cfg.image_feats, expect="image")
-    texts = read_features(cfg.text_feats, expect="text")
+    images = read_features(cfg.image_feats, expect="image", progress=True)
+    texts = read_features(cfg.text_feats, expect="text", progress=True)
     check_same_dim(images, texts)
     image_keys, text_keys = images.keys(), texts.keys()
     text_gold = image_gold = None

@@ -31,6 +31,7 @@ ID_FIELDS = ("image_id", "query_id")
 FORMATS = ("jsonl", "npy")
 NPY_DTYPES = ("float16", "float32")
 _CHUNK_BYTES = 1 << 22  # JSON text parsed per bulk call; its temporaries are a few times this
+_PROGRESS_BYTES = 1 << 20  # the progress bar moves every this many bytes read
 _CHUNK_VALUES = 1 << 17  # values printed, or checked for NaN, per step
 
 
@@ -91,16 +92,23 @@ def _check_rows(matrix: np.ndarray, ids: Sequence[Id], places: Sequence[int], un
 
 # ---- reading ----
 
-def read_features(path: str | os.PathLike, *, expect: str | None = None) -> Features:
+def read_features(path: str | os.PathLike, *, expect: str | None = None, progress: bool = False) -> Features:
     """Read a feature file: `.npy` (with its ids file) or JSON lines. `expect` ("image" or
-    "text") only words the messages. Every problem is collected and raised once as DataError."""
+    "text") only words the messages. Every problem is collected and raised once as DataError.
+    `progress` shows a bar over the bytes of a JSON-lines file while it is parsed."""
     if expect not in (None, "image", "text"):
         raise ValueError(f"expect must be None, 'image' or 'text', got {expect!r}")
     path = Path(path)
     what = f"{expect} features" if expect else "features"
     if not path.is_file():
         raise DataError(f"{path}: no such file; expected {what} (.jsonl, or .npy beside its .ids.jsonl)")
-    return _read_npy(path, what) if path.suffix == ".npy" else _read_jsonl(path, what)
+    if path.suffix == ".npy":
+        return _read_npy(path, what)
+    from tqdm import tqdm
+
+    with tqdm(total=path.stat().st_size, desc=f"read {path.name}", unit="B", unit_scale=True,
+              disable=not progress) as bar:
+        return _read_jsonl(path, what, bar.update)
 
 
 def _read_npy(path: Path, what: str) -> Features:
@@ -152,7 +160,7 @@ def _id_from(text: bytes) -> object:
     return json.loads(text) if not plain else plain[1].decode() if plain[1] else int(text)
 
 
-def _read_jsonl(path: Path, what: str) -> Features:
+def _read_jsonl(path: Path, what: str, advance=lambda n: None) -> Features:
     ids, rows, lines, problems = [], [], [], []
     first: dict = {}  # id field, dim and line of the first good row
     pending: list[tuple[int, str, Id, bytes, int]] = []  # lines awaiting the bulk parse
@@ -208,7 +216,12 @@ def _read_jsonl(path: Path, what: str) -> Features:
 
     size = 0  # bytes of the pending lines
     with open(path, "rb") as f:
+        unreported = 0  # bytes read since the progress bar last moved
         for lineno, raw in enumerate(f, start=1):
+            unreported += len(raw)
+            if unreported >= _PROGRESS_BYTES:
+                advance(unreported)
+                unreported = 0
             raw = raw.rstrip()
             field, k = _HEADS.get(raw[:13]), raw.find(_KEY, 13)
             try:
@@ -225,6 +238,7 @@ def _read_jsonl(path: Path, what: str) -> Features:
             pending.append((lineno, field, id_, raw, k))
             if size >= _CHUNK_BYTES:
                 flush()
+        advance(unreported)
     flush()
     matrix = np.stack(rows) if rows else np.zeros((0, 0), np.float32)
     if not rows and not problems:

@@ -326,3 +326,22 @@ def test_check_same_dim(tmp_path):
     check_same_dim(a, a)
     with pytest.raises(DataError, match=r"img\.jsonl has 512-dim features but .*txt\.npy has 768-dim"):
         check_same_dim(a, b)
+
+
+def test_progress_bar_counts_every_byte(tmp_path, monkeypatch):
+    """`read_features(progress=True)` moves a bar over the file's bytes; the result is unchanged."""
+    import tqdm
+
+    from fklip.features import read_features, write_features
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "f.jsonl"
+    write_features(path, list(range(3000)), rng.standard_normal((3000, 64)).astype(np.float32),
+                   id_field="image_id", fmt="jsonl")
+    seen = []
+    real_update = tqdm.tqdm.update
+    monkeypatch.setattr(tqdm.tqdm, "update", lambda self, n=1: (seen.append(n), real_update(self, n))[1])
+    with_bar = read_features(path, progress=True)
+    assert sum(seen) == path.stat().st_size and len(seen) > 1
+    plain = read_features(path)
+    assert with_bar.ids == plain.ids and np.array_equal(with_bar.matrix, plain.matrix)
