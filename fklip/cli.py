@@ -120,8 +120,14 @@ def data_models() -> None:
 def _encode_options(f):
     """Flags shared by the commands that run a checkpoint (the original's names where it had them)."""
     options = [
-        click.option("--resume", "checkpoint", type=click.Path(path_type=Path), required=True,
-                     help="Checkpoint: fklip, the original's/PAI, OpenAI ViT-B-32.pt, or a state dict."),
+        click.option("--resume", "checkpoint", type=click.Path(path_type=Path),
+                     help="Checkpoint: fklip, the original's/PAI, OpenAI ViT-B-32.pt, or a state dict "
+                          "(needed by --engine torch)."),
+        click.option("--engine", type=click.Choice(["torch", "onnx", "trt"]), default="torch", show_default=True,
+                     help="What runs the model: PyTorch, onnxruntime or TensorRT (the last two read --engine-dir)."),
+        click.option("--engine-dir", type=click.Path(path_type=Path),
+                     help="A folder written by `fklip export` (for --engine onnx or trt)."),
+        click.option("--int8", is_flag=True, help="--engine onnx: run the export's int8 graphs."),
         click.option("--model", default=None,
                      help="Architecture for checkpoints that do not record one (see `fklip data models`)."),
         click.option("--img-batch-size", "image_batch_size", type=int, default=256, show_default=True),
@@ -139,13 +145,21 @@ def _encode_options(f):
     return f
 
 
-def _encode_config(checkpoint, model, image_batch_size, text_batch_size, device, precision, truncation,
-                   trust_checkpoint):
+def _encode_config(checkpoint, engine, engine_dir, int8, model, image_batch_size, text_batch_size, device,
+                   precision, truncation, trust_checkpoint):
     from fklip.config import EncodeConfig
 
     return EncodeConfig(checkpoint=checkpoint, model=model, trust_checkpoint=trust_checkpoint,
                         truncation=truncation, device=device, precision=precision,
-                        image_batch_size=image_batch_size, text_batch_size=text_batch_size)
+                        image_batch_size=image_batch_size, text_batch_size=text_batch_size,
+                        engine=engine, engine_dir=engine_dir, int8=int8)
+
+
+def _make_encoder():
+    """What builds the encoder behind --engine (engines/ is imported here, never by fklip's core)."""
+    from engines.encoder import encoder_from_config
+
+    return encoder_from_config
 
 
 @cli.command()
@@ -178,7 +192,7 @@ def extract(extract_image_feats, extract_text_feats, image_data, text_data, imag
     cfg = ExtractConfig(encode=_encode_config(**encode), image_data=image_data, text_data=text_data,
                         image_output=image_feat_output_path, text_output=text_feat_output_path,
                         fmt=fmt, dtype=dtype)
-    for item in run_extract(cfg):
+    for item in run_extract(cfg, _make_encoder()):
         click.echo(f"{item['kind']} features: {item['count']} rows -> {', '.join(item['files'])}")
 
 
@@ -259,7 +273,7 @@ def eval_command(image_data, text_data, image_standard_path, output_dir, save_fe
     cfg = EvalConfig(encode=enc, search=search, image_data=image_data, text_data=text_data,
                      output_dir=output_dir, image_standard_path=image_standard_path,
                      save_features=save_features)
-    metrics = run_eval(cfg)
+    metrics = run_eval(cfg, _make_encoder())
     if metrics is not None:
         _echo_recalls(metrics)
         t = metrics["timings_s"]
@@ -418,8 +432,10 @@ def demo(out: Path, seed: int, device: str, batch_size: int, epochs: int) -> Non
     from fklip.config import DemoConfig
     from fklip.demo import format_table, run_demo
 
+    from export.pipeline import run_export
+
     cfg = DemoConfig(out=out, seed=seed, device=device, batch_size=batch_size, epochs=epochs)
-    rows = run_demo(cfg)
+    rows = run_demo(cfg, run_export, _make_encoder())
     click.echo(format_table(rows))
 
 

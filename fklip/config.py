@@ -62,6 +62,7 @@ class DemoConfig:
 
 
 PRECISIONS = ("fp32", "amp", "bf16", "fp16")
+ENGINES = ("torch", "onnx", "trt")
 
 
 def check_precision(precision: str, device: str, flag: str = "--precision") -> str:
@@ -78,7 +79,7 @@ def check_precision(precision: str, device: str, flag: str = "--precision") -> s
 class EncodeConfig:
     """How to run the model: shared by extract and eval."""
 
-    checkpoint: Path
+    checkpoint: Path | None
     model: str | None = None
     trust_checkpoint: bool = False
     truncation: str | None = None
@@ -86,10 +87,28 @@ class EncodeConfig:
     precision: str = "fp32"
     image_batch_size: int = 256
     text_batch_size: int = 256
+    engine: str = "torch"  # torch | onnx | trt (engines/)
+    engine_dir: Path | None = None  # onnx, trt: a `fklip export` folder
+    int8: bool = False  # onnx: the export's int8 graphs
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
         check_precision(self.precision, self.device)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine: expected one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "torch":
+            if self.checkpoint is None:
+                raise ConfigError("--engine torch needs --resume CHECKPOINT")
+            if self.int8:
+                raise ConfigError("--int8 selects the int8 graphs of an export; use it with --engine onnx")
+        else:
+            if self.engine_dir is None:
+                raise ConfigError(f"--engine {self.engine} needs --engine-dir, a folder written by `fklip export`")
+            if self.precision != "fp32":
+                raise ConfigError(f"--precision applies to --engine torch; the {self.engine} engine runs "
+                                  "the precision chosen at export (see its manifest.json)")
+            if self.int8 and self.engine != "onnx":
+                raise ConfigError("--int8 runs onnxruntime's int8 graphs; use it with --engine onnx")
         check_positive(self.image_batch_size, "--img-batch-size")
         check_positive(self.text_batch_size, "--text-batch-size")
 

@@ -12,6 +12,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from fklip.config import DemoConfig, check_device
 
@@ -41,8 +42,12 @@ def _data_step(cfg: DemoConfig):
     return paths, load_demo_manifest(cfg.data_dir), "generated"
 
 
-def run_demo(cfg: DemoConfig) -> list[Row]:
-    """Run every available step; return the rows of the closing table. Writes under `cfg.out`."""
+def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
+    """Run every step; return the rows of the closing table. Writes under `cfg.out`.
+
+    `export_fn` (export.pipeline.run_export) and `make_encoder` (engines.encoder.encoder_from_config)
+    come from the CLI, which is the only place that imports export/ and engines/; without them the
+    export and the onnx evaluation are skipped."""
     import torch
 
     from fklip.config import EncodeConfig, EvalConfig, SearchConfig, TrainConfig
@@ -102,8 +107,6 @@ def run_demo(cfg: DemoConfig) -> list[Row]:
                     f"epochs of batch 32: loss {summary['epochs'][0]['loss']:.3f} -> {last['loss']:.3f}; "
                     f"{run_dir}", time.perf_counter() - t))
 
-    rows.append(Row("export", "not available yet: `fklip export` (issue 5)"))
-
     t = time.perf_counter()
     trained = run_dir / "checkpoints" / f"epoch_{cfg.epochs}.pt"
     after = evaluate(trained, cfg.out / "eval")
@@ -111,7 +114,44 @@ def run_demo(cfg: DemoConfig) -> list[Row]:
     rows.append(Row("eval after", f"`fklip eval` of the trained model: {_recalls(after)}; mean recall "
                     f"{before['mean_recall']:.1f} -> {after['mean_recall']:.1f} ({gain:+.1f}); "
                     f"{cfg.out / 'eval'}", time.perf_counter() - t))
+
+    if export_fn is None or make_encoder is None:
+        return rows
+    from fklip.config import ExportConfig
+
+    t = time.perf_counter()
+    export_dir = cfg.out / "export"
+    manifest = export_fn(ExportConfig(checkpoint=trained, out=export_dir, parity_images=paths.val_images,
+                                      parity_texts=paths.val_queries, force=True))
+    cosines = min(manifest["towers"][k]["parity"]["real"]["min_cosine"] for k in ("image", "text"))
+    rows.append(Row("export", f"`fklip export` to ONNX: image.onnx, text.onnx, manifest.json; min cosine "
+                    f"to PyTorch on val data {cosines:.6f}; {export_dir}", time.perf_counter() - t))
+
+    t = time.perf_counter()
+    encode = EncodeConfig(checkpoint=None, engine="onnx", engine_dir=export_dir, device="cpu",
+                          image_batch_size=cfg.batch_size, text_batch_size=cfg.batch_size)
+    onnx_metrics = run_eval(EvalConfig(encode=encode, search=SearchConfig(device="cpu"),
+                                       image_data=paths.val_images, text_data=paths.val_queries,
+                                       image_standard_path=paths.val_gold, output_dir=cfg.out / "eval-onnx"),
+                            make_encoder)
+    same = _same_predictions(cfg.out / "eval", cfg.out / "eval-onnx")
+    rows.append(Row("eval onnx", f"`fklip eval --engine onnx`: {_recalls(onnx_metrics)}; mean recall "
+                    f"{onnx_metrics['mean_recall']:.1f} vs torch {after['mean_recall']:.1f}; {same}",
+                    time.perf_counter() - t))
     return rows
+
+
+def _same_predictions(a: Path, b: Path) -> str:
+    """How many queries got the same top-k list from both evaluations."""
+    from fklip.evaluate import OUTPUT_NAMES
+
+    same = total = 0
+    for name in ("text_predictions", "image_predictions"):
+        lines_a = (a / OUTPUT_NAMES[name]).read_text().splitlines()
+        lines_b = (b / OUTPUT_NAMES[name]).read_text().splitlines()
+        same += sum(x == y for x, y in zip(lines_a, lines_b))
+        total += max(len(lines_a), len(lines_b))
+    return f"identical top-k lists for {same} of {total} queries"
 
 
 def _recalls(metrics: dict) -> str:

@@ -7,7 +7,7 @@ np.memmap when they do not fit), so encoding a large set never holds more than a
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -86,3 +86,47 @@ def encode_texts(model, tokenizer: Tokenizer, texts: Sequence[str], batch_size: 
             out[start:start + len(chunk)] = F.normalize(emb.float(), dim=-1).cpu().numpy()
             bar.update(len(chunk))
     return out
+
+
+class TorchEncoder:
+    """A checkpoint run with plain PyTorch, behind the interface `fklip eval` and `fklip extract`
+    encode through (engines/ supplies the same interface for torch, onnx and trt runners):
+
+    - `model_name`, `image_size`, `embed_dim`, `tokenizer`, `describe()` (for metrics.json);
+    - `encode_images(archive, image_ids, out, progress)` and `encode_texts(texts, out, progress)`,
+      returning L2-normalised float32 rows written into `out` when given;
+    - a context manager: the model is loaded on entry.
+    """
+
+    def __init__(self, enc, device: str):
+        self.enc, self.device = enc, device
+
+    def __enter__(self) -> TorchEncoder:  # noqa: PYI034 (typing.Self is Python 3.11+)
+        from fklip.model import build_tokenizer, load_checkpoint
+
+        enc = self.enc
+        self.checkpoint = load_checkpoint(enc.checkpoint, model_name=enc.model, truncation=enc.truncation,
+                                          trust=enc.trust_checkpoint)
+        spec = self.checkpoint.spec
+        self.model_name, self.image_size, self.embed_dim = spec.name, spec.image_size, spec.embed_dim
+        self.tokenizer = build_tokenizer(spec)
+        self.model = prepare_model(self.checkpoint.model, self.device, enc.precision)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def describe(self) -> dict:
+        ckpt = self.checkpoint
+        return {"engine": "torch", "path": str(self.enc.checkpoint), "format": ckpt.source_format,
+                "model": ckpt.spec.name, "truncation": ckpt.spec.truncation, "precision": self.enc.precision}
+
+    def encode_images(self, archive: ImageArchive, image_ids: Sequence | None = None,
+                      out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+        return encode_archive(self.model, archive, self.enc.image_batch_size, self.device, image_ids,
+                              progress=progress, precision=self.enc.precision, out=out)
+
+    def encode_texts(self, texts: Sequence[str], out: np.ndarray | None = None,
+                     progress: bool = False) -> np.ndarray:
+        return encode_texts(self.model, self.tokenizer, texts, self.enc.text_batch_size, self.device,
+                            progress=progress, precision=self.enc.precision, out=out)

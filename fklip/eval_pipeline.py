@@ -7,6 +7,7 @@ ranks); rank 0 writes the original's prediction and score files and `metrics.jso
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -17,10 +18,25 @@ import numpy as np
 import torch
 
 from fklip.config import EvalConfig, check_device
-from fklip.distributed import DistContext, gather_rows, init_distributed, shard_range, shutdown
-from fklip.evaluate import (OUTPUT_NAMES, check_targets, gold_from_image_file, gold_from_item_ids,
-                            gold_from_queries, recall_summary, search, search_both_ways, write_predictions,
-                            write_score)
+from fklip.distributed import (
+    DistContext,
+    gather_rows,
+    init_distributed,
+    shard_range,
+    shutdown,
+)
+from fklip.evaluate import (
+    OUTPUT_NAMES,
+    check_targets,
+    gold_from_image_file,
+    gold_from_item_ids,
+    gold_from_queries,
+    recall_summary,
+    search,
+    search_both_ways,
+    write_predictions,
+    write_score,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +76,24 @@ def _feature_buffer(n: int, dim: int, on_disk: bool, folder: Path, name: str) ->
     return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, dim))
 
 
-def run_eval(cfg: EvalConfig) -> dict | None:
-    """Run the evaluation; rank 0 returns the metrics dict (other ranks return None)."""
+def run_eval(cfg: EvalConfig, make_encoder=None) -> dict | None:
+    """Run the evaluation; rank 0 returns the metrics dict (other ranks return None).
+
+    `make_encoder(encode_config, device)` gives what runs the model (the interface of
+    fklip.encode.TorchEncoder, the default: the checkpoint with plain PyTorch); the CLI passes
+    the engines' for --engine. `device` is this process's (cuda:LOCAL_RANK under torchrun).
+    """
     ctx = init_distributed(cfg.encode.device)
     try:
-        return _run(cfg, ctx)
+        return _run(cfg, ctx, make_encoder)
     finally:
         shutdown(ctx)
 
 
-def _run(cfg: EvalConfig, ctx: DistContext) -> dict | None:
+def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:
     from fklip.data.archive import ImageArchive
     from fklip.data.jsonl import check_unique_ids, id_key, read_val_queries
-    from fklip.encode import encode_archive, encode_texts, prepare_model
-    from fklip.model import build_tokenizer, load_checkpoint
+    from fklip.encode import TorchEncoder
 
     enc, started = cfg.encode, time.perf_counter()
     device = check_device(ctx.device)
@@ -81,11 +101,10 @@ def _run(cfg: EvalConfig, ctx: DistContext) -> dict | None:
     # ---- load and check everything before the slow work
     queries = read_val_queries(cfg.text_data)
     check_unique_ids([q.query_id for q in queries], cfg.text_data, "query_id")
-    archive = ImageArchive(cfg.image_data)
-    try:
-        ckpt = load_checkpoint(enc.checkpoint, model_name=enc.model, truncation=enc.truncation,
-                               trust=enc.trust_checkpoint)
-        archive.check_image_size(ckpt.spec.image_size, ckpt.spec.name)
+    with contextlib.ExitStack() as stack:
+        archive = stack.enter_context(ImageArchive(cfg.image_data))
+        encoder = stack.enter_context((make_encoder or TorchEncoder)(enc, device))
+        archive.check_image_size(encoder.image_size, encoder.model_name)
         image_ids, text_ids = list(archive.ids), [q.query_id for q in queries]
         image_keys, text_keys = image_ids, [id_key(i) for i in text_ids]  # archive ids are strings
         text_gold = gold_from_queries(queries, str(cfg.text_data))
@@ -93,9 +112,7 @@ def _run(cfg: EvalConfig, ctx: DistContext) -> dict | None:
         image_gold = (gold_from_image_file(cfg.image_standard_path) if cfg.image_standard_path
                       else gold_from_item_ids(queries, image_ids, str(cfg.text_data)))
         check_targets(image_gold, text_keys, f"query ids of {cfg.text_data}")
-        model = prepare_model(ckpt.model, device, enc.precision)
-        tokenizer = build_tokenizer(ckpt.spec)
-        dim = model.visual.output_dim
+        dim = encoder.embed_dim
         t_load = time.perf_counter() - started
 
         # ---- encode this rank's shard of images and captions, gather in rank order
@@ -105,15 +122,10 @@ def _run(cfg: EvalConfig, ctx: DistContext) -> dict | None:
         scratch = cfg.output_dir / f".features-{os.getpid()}"
         i0, i1 = shard_range(n_img, ctx.rank, ctx.world_size)
         t_0, t_1 = shard_range(n_txt, ctx.rank, ctx.world_size)
-        image_emb = encode_archive(model, archive, enc.image_batch_size, device, image_ids[i0:i1],
-                                   progress=ctx.is_main, precision=enc.precision,
-                                   out=_feature_buffer(i1 - i0, dim, on_disk, scratch, "images"))
-        text_emb = encode_texts(model, tokenizer, [q.query_text for q in queries[t_0:t_1]],
-                                enc.text_batch_size, device, progress=ctx.is_main,
-                                precision=enc.precision,
-                                out=_feature_buffer(t_1 - t_0, dim, on_disk, scratch, "texts"))
-    finally:
-        archive.close()
+        image_emb = encoder.encode_images(archive, image_ids[i0:i1], progress=ctx.is_main,
+                                          out=_feature_buffer(i1 - i0, dim, on_disk, scratch, "images"))
+        text_emb = encoder.encode_texts([q.query_text for q in queries[t_0:t_1]], progress=ctx.is_main,
+                                        out=_feature_buffer(t_1 - t_0, dim, on_disk, scratch, "texts"))
     if ctx.distributed:
         image_emb = gather_rows(torch.from_numpy(image_emb), n_img, ctx).numpy()
         text_emb = gather_rows(torch.from_numpy(text_emb), n_txt, ctx).numpy()
@@ -169,8 +181,7 @@ def _run(cfg: EvalConfig, ctx: DistContext) -> dict | None:
         "throughput": {"images_per_s": n_img / t_encode if t_encode else None,
                        "texts_per_s": n_txt / t_encode if t_encode else None},
         "features": "memory-mapped" if on_disk else "in memory",
-        "checkpoint": {"path": str(enc.checkpoint), "format": ckpt.source_format, "model": ckpt.spec.name,
-                       "truncation": ckpt.spec.truncation, "precision": enc.precision},
+        "checkpoint": encoder.describe(),
         "inputs": {"image_data": str(cfg.image_data), "text_data": str(cfg.text_data),
                    "image_standard_path": str(cfg.image_standard_path) if cfg.image_standard_path else None},
         "environment": environment(ctx),

@@ -19,39 +19,36 @@ def default_output(data_path: Path, kind: str, fmt: str) -> Path:
     return Path(str(data_path)[:-6] + f".txt_feat.{ext}")
 
 
-def run_extract(cfg: ExtractConfig) -> list[dict]:
-    """Encode what the config asks for and write it; returns one summary dict per output."""
+def run_extract(cfg: ExtractConfig, make_encoder=None) -> list[dict]:
+    """Encode what the config asks for and write it; returns one summary dict per output.
+
+    `make_encoder(encode_config, device)` gives what runs the model (fklip.encode.TorchEncoder's
+    interface, the default); the CLI passes the engines' for `--engine`."""
     from fklip.data.archive import ImageArchive
     from fklip.data.jsonl import check_unique_ids, read_text_queries
-    from fklip.encode import encode_archive, encode_texts, prepare_model
+    from fklip.encode import TorchEncoder
     from fklip.features import write_features
-    from fklip.model import build_tokenizer, load_checkpoint
 
-    enc = cfg.encode
-    device = check_device(enc.device)
+    device = check_device(cfg.encode.device)
     # read and check every input before the slow work, so a bad file fails at once
     queries = None
     if cfg.text_data is not None:
         queries = read_text_queries(cfg.text_data)
         check_unique_ids([q.query_id for q in queries], cfg.text_data, "query_id")
-    ckpt = load_checkpoint(enc.checkpoint, model_name=enc.model, truncation=enc.truncation,
-                           trust=enc.trust_checkpoint)
-    model = prepare_model(ckpt.model, device, enc.precision)
     written = []
-    if cfg.image_data is not None:
-        out = cfg.image_output or default_output(cfg.image_data, "image", cfg.fmt)
-        with ImageArchive(cfg.image_data) as archive:
-            archive.check_image_size(ckpt.spec.image_size, ckpt.spec.name)
-            feats = encode_archive(model, archive, enc.image_batch_size, device, progress=True,
-                                   precision=enc.precision)
-            files = write_features(out, list(archive.ids), feats, id_field="image_id", fmt=cfg.fmt,
-                                   dtype=cfg.dtype)
-        written.append({"kind": "image", "count": len(feats), "files": [str(f) for f in files]})
-    if queries is not None:
-        out = cfg.text_output or default_output(cfg.text_data, "text", cfg.fmt)
-        feats = encode_texts(model, build_tokenizer(ckpt.spec), [q.query_text for q in queries],
-                             enc.text_batch_size, device, progress=True, precision=enc.precision)
-        files = write_features(out, [q.query_id for q in queries], feats, id_field="query_id",
-                               fmt=cfg.fmt, dtype=cfg.dtype)
-        written.append({"kind": "text", "count": len(feats), "files": [str(f) for f in files]})
+    with (make_encoder or TorchEncoder)(cfg.encode, device) as enc:
+        if cfg.image_data is not None:
+            out = cfg.image_output or default_output(cfg.image_data, "image", cfg.fmt)
+            with ImageArchive(cfg.image_data) as archive:
+                archive.check_image_size(enc.image_size, enc.model_name)
+                feats = enc.encode_images(archive, progress=True)
+                files = write_features(out, list(archive.ids), feats, id_field="image_id", fmt=cfg.fmt,
+                                       dtype=cfg.dtype)
+            written.append({"kind": "image", "count": len(feats), "files": [str(f) for f in files]})
+        if queries is not None:
+            out = cfg.text_output or default_output(cfg.text_data, "text", cfg.fmt)
+            feats = enc.encode_texts([q.query_text for q in queries], progress=True)
+            files = write_features(out, [q.query_id for q in queries], feats, id_field="query_id",
+                                   fmt=cfg.fmt, dtype=cfg.dtype)
+            written.append({"kind": "text", "count": len(feats), "files": [str(f) for f in files]})
     return written

@@ -17,9 +17,9 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -349,8 +349,7 @@ def write_features(path: str | os.PathLike, ids: Sequence[Id], matrix: np.ndarra
     if fmt == "jsonl":
         step = max(1, _CHUNK_VALUES // values.shape[1])
         with atomic_output(path) as tmp, open(tmp, "wb") as f:
-            for s in range(0, len(ids), step):
-                f.write(_jsonl_lines(ids[s:s + step], values[s:s + step], id_field))
+            f.writelines(_jsonl_lines(ids[s:s + step], values[s:s + step], id_field) for s in range(0, len(ids), step))
         return [path]
     ids_path = npy_ids_path(path)
     header = {"id_field": id_field, "count": len(ids), "dim": values.shape[1], "dtype": dtype}

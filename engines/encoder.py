@@ -1,0 +1,88 @@
+"""The encoder `fklip eval` and `fklip extract` run for `--engine torch|onnx|trt`.
+
+It has the interface of fklip.encode.TorchEncoder (whole archives and caption lists in, feature
+matrices out), built from one runner and the batched feature pipeline, so every backend takes
+the same code path from the archive to the feature rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from engines.base import RunnerConfig, build_runner, tokenizer_for
+from engines.pipeline import encode_archive, encode_texts
+from fklip.config import EncodeConfig
+from fklip.data.archive import ImageArchive
+from fklip.errors import ConfigError
+
+
+class EngineEncoder:
+    """A runner of `enc.engine` with the pipeline around it; the runner loads on entry."""
+
+    def __init__(self, enc: EncodeConfig, device: str):
+        self.enc = enc
+        self.runner = build_runner(RunnerConfig(
+            backend=enc.engine, checkpoint=enc.checkpoint if enc.engine == "torch" else None,
+            engine_dir=enc.engine_dir, model=enc.model, truncation=enc.truncation,
+            trust_checkpoint=enc.trust_checkpoint, device=device, precision=enc.precision, int8=enc.int8))
+
+    def __enter__(self) -> EngineEncoder:  # noqa: PYI034 (typing.Self is Python 3.11+)
+        if self.enc.engine != "torch":
+            self._check_export()
+        self.runner.__enter__()
+        try:
+            r = self.runner
+            self.model_name, self.image_size, self.embed_dim = r.model_name, r.image_size, r.embed_dim
+            self.tokenizer = tokenizer_for(r)
+        except BaseException:
+            self.runner.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.__exit__(*exc)
+
+    def _check_export(self) -> None:
+        """--truncation and --resume must agree with what the export recorded."""
+        from engines.manifest import read_manifest
+
+        manifest = read_manifest(self.enc.engine_dir, int8=self.enc.int8, verify=False)
+        recorded = manifest["model"]["truncation"]
+        if self.enc.truncation is not None and self.enc.truncation != recorded:
+            raise ConfigError(f"--truncation {self.enc.truncation}: {self.enc.engine_dir} was exported "
+                              f"with truncation {recorded!r}; re-export to change it")
+        if self.enc.checkpoint is not None:
+            from export.manifest import sha256_of
+
+            if not self.enc.checkpoint.is_file():
+                raise ConfigError(f"--resume {self.enc.checkpoint}: no such file")
+            if sha256_of(self.enc.checkpoint) != manifest["source"]["sha256"]:
+                raise ConfigError(f"--resume {self.enc.checkpoint} is not the checkpoint "
+                                  f"{self.enc.engine_dir} was exported from "
+                                  f"({manifest['source']['checkpoint']}); re-export it or drop --resume")
+
+    def describe(self) -> dict:
+        r = self.runner
+        info = {"engine": self.enc.engine, "model": r.model_name, "truncation": r.truncation,
+                "precision": getattr(r, "precision", self.enc.precision)}
+        if self.enc.engine == "torch":
+            info["path"] = str(self.enc.checkpoint)
+        else:
+            info.update(engine_dir=str(self.enc.engine_dir), int8=self.enc.int8,
+                        path=str(self.enc.checkpoint) if self.enc.checkpoint else None)
+        return info
+
+    def encode_images(self, archive: ImageArchive, image_ids: Sequence | None = None,
+                      out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+        return encode_archive(self.runner, archive, self.enc.image_batch_size, image_ids, out, progress)
+
+    def encode_texts(self, texts: Sequence[str], out: np.ndarray | None = None,
+                     progress: bool = False) -> np.ndarray:
+        return encode_texts(self.runner, self.tokenizer, texts, self.enc.text_batch_size, out, progress)
+
+
+def encoder_from_config(enc: EncodeConfig, device: str) -> EngineEncoder:
+    """`make_encoder` for fklip.eval_pipeline.run_eval and fklip.extract.run_extract."""
+    return EngineEncoder(enc, device)
