@@ -3,9 +3,12 @@
 A runner is a context manager that owns its resources (a model on a device, an onnxruntime
 session, a TensorRT engine and its execution contexts) and encodes one batch at a time:
 
-    with build_runner("onnx", engine_dir=out) as runner:
+    with build_runner(RunnerConfig("onnx", engine_dir=out)) as runner:
         image_emb = runner.encode_images(pixels)  # (B, D) float32, L2-normalised
-        text_emb = runner.encode_texts(ids)  # (B, D) float32, L2-normalised
+        text_emb = runner.encode_texts(tokenizer_for(runner)(texts))  # (B, D) float32, L2-normalised
+
+What the model is (embed_dim, image_size, context_length, model_name, truncation) is known once
+the runner is entered; `tokenizer_for(runner)` builds the tokenizer its model expects.
 
 `pixels` is either float32 (B, 3, H, W), CLIP-normalised, or uint8 (B, H, W, 3) raw pixels, as
 a numpy array or a torch tensor (on the CPU, or already on the runner's device); a runner accepts
@@ -19,14 +22,11 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from fklip.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 IMAGE_ENCODINGS = ("float32_chw", "uint8_hwc")
 
@@ -41,7 +41,7 @@ class Runner(Protocol):
     model_name: str  # the model's name, as its checkpoint or export manifest records it
     truncation: str  # the tokenizer mode the model expects ("original" | "openai")
 
-    def __enter__(self) -> Self: ...
+    def __enter__(self) -> Runner: ...  # noqa: PYI034 (typing.Self is Python 3.11+)
 
     def __exit__(self, *exc) -> None: ...
 

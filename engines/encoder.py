@@ -26,7 +26,8 @@ class EngineEncoder:
         self.runner = build_runner(RunnerConfig(
             backend=enc.engine, checkpoint=enc.checkpoint if enc.engine == "torch" else None,
             engine_dir=enc.engine_dir, model=enc.model, truncation=enc.truncation,
-            trust_checkpoint=enc.trust_checkpoint, device=device, precision=enc.precision, int8=enc.int8))
+            trust_checkpoint=enc.trust_checkpoint, device=device, precision=enc.precision, int8=enc.int8,
+            compile=enc.compile, cuda_graphs=enc.cuda_graphs))
 
     def __enter__(self) -> EngineEncoder:  # noqa: PYI034 (typing.Self is Python 3.11+)
         if self.enc.engine != "torch":
@@ -68,7 +69,7 @@ class EngineEncoder:
         info = {"engine": self.enc.engine, "model": r.model_name, "truncation": r.truncation,
                 "precision": getattr(r, "precision", self.enc.precision)}
         if self.enc.engine == "torch":
-            info["path"] = str(self.enc.checkpoint)
+            info.update(path=str(self.enc.checkpoint), compile=self.enc.compile, cuda_graphs=self.enc.cuda_graphs)
         else:
             info.update(engine_dir=str(self.enc.engine_dir), int8=self.enc.int8,
                         path=str(self.enc.checkpoint) if self.enc.checkpoint else None)

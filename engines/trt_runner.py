@@ -54,6 +54,7 @@ class ExportManifest:
 
     folder: Path
     model: str
+    truncation: str
     embed_dim: int
     image_size: int
     context_length: int
@@ -122,7 +123,7 @@ def export_manifest(folder: str | Path) -> ExportManifest:
         _check_tower(tower, spec, model["image_size"], problems)
         specs[tower] = spec
     raise_collected(problems, f"{folder / MANIFEST_NAME}: not usable by the trt engine; re-export", error=DataError)
-    return ExportManifest(folder, model["name"], model["embed_dim"], model["image_size"], model["context_length"],
+    return ExportManifest(folder, model["name"], model["truncation"], model["embed_dim"], model["image_size"], model["context_length"],
                           precision, specs, {t: folder / m["towers"][t]["file"] for t in TOWER_NAMES},
                           {t: m["towers"][t]["sha256"] for t in TOWER_NAMES}, opt_batch, m["profile"]["max_batch"])
 
@@ -203,7 +204,8 @@ class TrtRunner:
             raise ConfigError("the trt engine needs an export folder written by `fklip export`; none was given")
         self.cfg = cfg
         self.manifest = export_manifest(cfg.engine_dir)
-        self.model = self.manifest.model
+        self.model = self.model_name = self.manifest.model
+        self.truncation = cfg.truncation or self.manifest.truncation
         self.embed_dim = self.manifest.embed_dim
         self.image_size = self.manifest.image_size
         self.context_length = self.manifest.context_length

@@ -128,6 +128,8 @@ def _encode_options(f):
         click.option("--engine-dir", type=click.Path(path_type=Path),
                      help="A folder written by `fklip export` (for --engine onnx or trt)."),
         click.option("--int8", is_flag=True, help="--engine onnx: run the export's int8 graphs."),
+        click.option("--compile", "compile_", is_flag=True, help="--engine torch: torch.compile the towers."),
+        click.option("--cuda-graphs", is_flag=True, help="--engine torch on CUDA: replay captured CUDA graphs."),
         click.option("--model", default=None,
                      help="Architecture for checkpoints that do not record one (see `fklip data models`)."),
         click.option("--img-batch-size", "image_batch_size", type=int, default=256, show_default=True),
@@ -145,14 +147,15 @@ def _encode_options(f):
     return f
 
 
-def _encode_config(checkpoint, engine, engine_dir, int8, model, image_batch_size, text_batch_size, device,
-                   precision, truncation, trust_checkpoint):
+def _encode_config(checkpoint, engine, engine_dir, int8, compile_, cuda_graphs, model, image_batch_size,
+                   text_batch_size, device, precision, truncation, trust_checkpoint):
     from fklip.config import EncodeConfig
 
     return EncodeConfig(checkpoint=checkpoint, model=model, trust_checkpoint=trust_checkpoint,
                         truncation=truncation, device=device, precision=precision,
                         image_batch_size=image_batch_size, text_batch_size=text_batch_size,
-                        engine=engine, engine_dir=engine_dir, int8=int8)
+                        engine=engine, engine_dir=engine_dir, int8=int8, compile=compile_,
+                        cuda_graphs=cuda_graphs)
 
 
 def _make_encoder():

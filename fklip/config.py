@@ -90,6 +90,8 @@ class EncodeConfig:
     engine: str = "torch"  # torch | onnx | trt (engines/)
     engine_dir: Path | None = None  # onnx, trt: a `fklip export` folder
     int8: bool = False  # onnx: the export's int8 graphs
+    compile: bool = False  # torch: torch.compile the towers
+    cuda_graphs: bool = False  # torch on CUDA: replay captured CUDA graphs
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
@@ -101,7 +103,12 @@ class EncodeConfig:
                 raise ConfigError("--engine torch needs --resume CHECKPOINT")
             if self.int8:
                 raise ConfigError("--int8 selects the int8 graphs of an export; use it with --engine onnx")
+            if self.cuda_graphs and not self.device.startswith("cuda"):
+                raise ConfigError("--cuda-graphs needs --device cuda")
         else:
+            if self.compile or self.cuda_graphs:
+                flag = "--compile" if self.compile else "--cuda-graphs"
+                raise ConfigError(f"{flag} applies to --engine torch; the {self.engine} engine runs the export")
             if self.engine_dir is None:
                 raise ConfigError(f"--engine {self.engine} needs --engine-dir, a folder written by `fklip export`")
             if self.precision != "fp32":

@@ -12,7 +12,7 @@ from tests.conftest import ROOT, run_fklip
 
 README = (ROOT / "README.md").read_text()
 # Commands run for real, in order, in one folder (later examples read what earlier ones wrote).
-CHEAP = ("demo", "train", "extract", "predict", "eval", "data demo", "data inspect", "data models")
+CHEAP = ("demo", "train", "extract", "predict", "eval", "export", "data demo", "data inspect", "data models")
 
 
 def readme_blocks(lang: str = "sh") -> list[str]:
@@ -85,6 +85,12 @@ def test_cheap_readme_commands_run(tmp_path):
     before, after = (json.loads((tmp_path / "fklip-demo" / d / "metrics.json").read_text())
                      for d in ("eval-before", "eval"))
     assert after["mean_recall"] > before["mean_recall"] + 20  # the demo's training visibly lifts recall
+    # the demo's export, evaluated through the onnx engine, and the README's: the recall of torch
+    demo_onnx = json.loads((tmp_path / "fklip-demo" / "eval-onnx" / "metrics.json").read_text())
+    readme_onnx = json.loads((tmp_path / "eval-onnx" / "metrics.json").read_text())
+    assert demo_onnx["checkpoint"]["engine"] == readme_onnx["checkpoint"]["engine"] == "onnx"
+    assert demo_onnx["mean_recall"] == after["mean_recall"]
+    assert readme_onnx["text_to_image"] == after["text_to_image"]
 
 
 def test_readme_layout_matches_demo_output(tmp_path):

@@ -1,0 +1,170 @@
+"""The batched feature pipeline: one code path for every runner.
+
+Batches are prepared in a background thread (images read from the archive, texts tokenised), at
+most `AHEAD` batches ahead of the runner, so reading overlaps encoding. When the runner is on a
+CUDA device, image batches are read straight into pinned host memory, so the runner's copy to the
+device is asynchronous; uint8 pixels travel as uint8 and the runner normalises them. Results are
+written in input order into the caller's array (which may be an np.memmap), as `fklip.encode`
+does for the plain PyTorch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
+
+import numpy as np
+
+from engines.base import Runner, check_tokenizer
+from fklip.data.archive import ImageArchive
+from fklip.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+AHEAD = 2  # batches prepared ahead of the runner
+_POLL_S = 0.05  # how often a blocked reader checks whether it should stop
+
+T = TypeVar("T")
+
+
+@contextmanager
+def in_background(items: Iterable[T], ahead: int = AHEAD) -> Iterator[Iterator[T]]:
+    """Produce `items` in a thread, at most `ahead` ready and waiting; yield an iterator over them.
+
+    An exception raised while producing is re-raised in the caller, at the item it replaced. On
+    leaving the block (normally, by an exception, or early) the thread is stopped and joined.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
+            put(("error", e))
+            return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:  # a generator stopped early runs its cleanup here, in its thread
+                close()
+        put(("done", None))
+
+    def consume() -> Iterator[T]:
+        while True:
+            kind, value = ready.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+
+    thread = threading.Thread(target=produce, name="fklip-batches", daemon=True)
+    thread.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _alloc(n: int, dim: int, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return np.empty((n, dim), np.float32)
+    if out.shape != (n, dim):
+        raise ValueError(f"output array has shape {out.shape}, expected {(n, dim)}")
+    return out
+
+
+def _store(out: np.ndarray, row: int, emb: np.ndarray, n: int) -> None:
+    """Write a batch's (n, D) features at `row`, checking the runner gave one row per input."""
+    if emb.shape != (n, out.shape[1]):
+        raise RuntimeError(f"the runner returned features of shape {emb.shape} for {n} inputs; "
+                           f"expected {(n, out.shape[1])}")
+    out[row:row + n] = emb
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch size: expected a positive integer, got {batch_size!r}")
+
+
+def _on_cuda(runner: Runner) -> bool:
+    return str(runner.device).startswith("cuda")
+
+
+def _read_batches(archive: ImageArchive, ids: list, batch_size: int, pin: bool) -> Iterator[tuple[int, object]]:
+    """(first row, batch) pairs; a batch is (B, ...) numpy, or a pinned torch tensor when `pin`."""
+    torch = None
+    if pin:
+        import torch
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        if torch is None:
+            yield start, archive.read_batch(chunk)
+            continue
+        # torch's caching host allocator recycles pinned blocks once their copies have finished
+        dtype = torch.uint8 if archive.encoding == "uint8_hwc" else torch.float32
+        batch = torch.empty((len(chunk), *archive.image_shape), dtype=dtype, pin_memory=True)
+        archive.read_batch(chunk, out=batch.numpy())
+        yield start, batch
+
+
+def encode_archive(runner: Runner, archive: ImageArchive, batch_size: int = 256,
+                   image_ids: Sequence | None = None, out: np.ndarray | None = None,
+                   progress: bool = False) -> np.ndarray:
+    """L2-normalised image features (N, D) float32, in archive order (or `image_ids` order)."""
+    from tqdm import tqdm
+
+    _check_batch_size(batch_size)
+    ids = list(archive.ids if image_ids is None else image_ids)
+    archive.check_image_size(runner.image_size, runner.model_name)
+    archive.require(ids, "the image ids to encode")
+    out = _alloc(len(ids), runner.embed_dim, out)
+    pin = _on_cuda(runner)
+    batches = _read_batches(archive, ids, batch_size, pin)
+    with tqdm(total=len(ids), desc="encode images", unit="img", disable=not progress) as bar, \
+            in_background(batches) as ready:
+        for row, batch in ready:
+            _store(out, row, runner.encode_images(batch), len(batch))  # (B, D)
+            bar.update(len(batch))
+    return out
+
+
+def _tokenize_batches(tokenizer, texts: Sequence[str], batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(0, len(texts), batch_size):
+        yield start, tokenizer(list(texts[start:start + batch_size])).numpy()  # (B, context) int64
+
+
+def encode_texts(runner: Runner, tokenizer, texts: Sequence[str], batch_size: int = 256,
+                 out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+    """L2-normalised text features (N, D) float32, in the order given.
+
+    `tokenizer` must be the runner's model's (`engines.base.tokenizer_for(runner)`).
+    """
+    from tqdm import tqdm
+
+    _check_batch_size(batch_size)
+    check_tokenizer(runner, tokenizer)
+    out = _alloc(len(texts), runner.embed_dim, out)
+    with tqdm(total=len(texts), desc="encode texts", unit="text", disable=not progress) as bar, \
+            in_background(_tokenize_batches(tokenizer, texts, batch_size)) as ready:
+        for row, ids in ready:
+            _store(out, row, runner.encode_texts(ids), len(ids))  # (B, D)
+            bar.update(len(ids))
+    return out
