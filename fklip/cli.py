@@ -432,10 +432,9 @@ def train(dist_url, dataset_type, stop_after, **flags) -> None:
 @click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs.")
 def demo(out: Path, seed: int, device: str, batch_size: int, epochs: int) -> None:
     """Run the pipeline on the embedded demo data and print what it did and measured."""
+    from export.pipeline import run_export
     from fklip.config import DemoConfig
     from fklip.demo import format_table, run_demo
-
-    from export.pipeline import run_export
 
     cfg = DemoConfig(out=out, seed=seed, device=device, batch_size=batch_size, epochs=epochs)
     rows = run_demo(cfg, run_export, _make_encoder())

@@ -31,7 +31,12 @@ class Row:
 
 
 def _data_step(cfg: DemoConfig):
-    from fklip.data.demo import DemoDataConfig, demo_paths, generate_demo, load_demo_manifest
+    from fklip.data.demo import (
+        DemoDataConfig,
+        demo_paths,
+        generate_demo,
+        load_demo_manifest,
+    )
 
     data_cfg = DemoDataConfig(out=cfg.data_dir, seed=cfg.seed)
     wanted = {k: v for k, v in vars(data_cfg).items() if k != "out"}
@@ -52,8 +57,8 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
 
     from fklip.config import EncodeConfig, EvalConfig, SearchConfig, TrainConfig
     from fklip.eval_pipeline import run_eval
-    from fklip.train import run_train
     from fklip.model import ModelSpec, build_model, count_parameters, save_checkpoint
+    from fklip.train import run_train
 
     device = check_device(cfg.device)
     rows: list[Row] = []
@@ -155,7 +160,7 @@ def _same_predictions(a: Path, b: Path) -> str:
 
 
 def _recalls(metrics: dict) -> str:
-    r = lambda d: "/".join(f"{d[f'r{k}']:.1f}" for k in (1, 5, 10))  # noqa: E731
+    r = lambda d: "/".join(f"{d[f'r{k}']:.1f}" for k in (1, 5, 10))
     return (f"R@1/5/10 text->image {r(metrics['text_to_image'])}, image->text {r(metrics['image_to_text'])} "
             f"({metrics['counts']['texts']} captions x {metrics['counts']['images']} images)")
 
