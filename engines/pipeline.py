@@ -21,6 +21,7 @@ import numpy as np
 
 from engines.base import Runner, check_tokenizer
 from fklip.data.archive import ImageArchive
+from fklip.encode import alloc_features
 from fklip.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -83,14 +84,6 @@ def in_background(items: Iterable[T], ahead: int = AHEAD) -> Iterator[Iterator[T
         thread.join()
 
 
-def _alloc(n: int, dim: int, out: np.ndarray | None) -> np.ndarray:
-    if out is None:
-        return np.empty((n, dim), np.float32)
-    if out.shape != (n, dim):
-        raise ValueError(f"output array has shape {out.shape}, expected {(n, dim)}")
-    return out
-
-
 def _store(out: np.ndarray, row: int, emb: np.ndarray, n: int) -> None:
     """Write a batch's (n, D) features at `row`, checking the runner gave one row per input."""
     if emb.shape != (n, out.shape[1]):
@@ -135,7 +128,7 @@ def encode_archive(runner: Runner, archive: ImageArchive, batch_size: int = 256,
     ids = list(archive.ids if image_ids is None else image_ids)
     archive.check_image_size(runner.image_size, runner.model_name)
     archive.require(ids, "the image ids to encode")
-    out = _alloc(len(ids), runner.embed_dim, out)
+    out = alloc_features(len(ids), runner.embed_dim, out)
     pin = _on_cuda(runner)
     batches = _read_batches(archive, ids, batch_size, pin)
     with tqdm(total=len(ids), desc="encode images", unit="img", disable=not progress) as bar, \
@@ -161,7 +154,7 @@ def encode_texts(runner: Runner, tokenizer, texts: Sequence[str], batch_size: in
 
     _check_batch_size(batch_size)
     check_tokenizer(runner, tokenizer)
-    out = _alloc(len(texts), runner.embed_dim, out)
+    out = alloc_features(len(texts), runner.embed_dim, out)
     with tqdm(total=len(texts), desc="encode texts", unit="text", disable=not progress) as bar, \
             in_background(_tokenize_batches(tokenizer, texts, batch_size)) as ready:
         for row, ids in ready:

@@ -37,7 +37,8 @@ def _input_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _alloc(n: int, dim: int, out: np.ndarray | None) -> np.ndarray:
+def alloc_features(n: int, dim: int, out: np.ndarray | None) -> np.ndarray:
+    """`out` (checked to be (n, dim)), or a new float32 (n, dim) array when it is None."""
     if out is None:
         return np.empty((n, dim), np.float32)
     if out.shape != (n, dim):
@@ -54,7 +55,7 @@ def encode_archive(model, archive: ImageArchive, batch_size: int = 256, device: 
 
     ids = list(archive.ids if image_ids is None else image_ids)
     dim = model.visual.output_dim
-    out = _alloc(len(ids), dim, out)
+    out = alloc_features(len(ids), dim, out)
     dtype = _input_dtype(model)
     row = 0
     with tqdm(total=len(ids), desc="encode images", unit="img", disable=not progress) as bar:
@@ -76,7 +77,7 @@ def encode_texts(model, tokenizer: Tokenizer, texts: Sequence[str], batch_size: 
     from tqdm import tqdm
 
     dim = model.visual.output_dim  # the shared embedding width
-    out = _alloc(len(texts), dim, out)
+    out = alloc_features(len(texts), dim, out)
     with tqdm(total=len(texts), desc="encode texts", unit="text", disable=not progress) as bar:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
