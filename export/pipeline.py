@@ -178,12 +178,12 @@ def _export_towers(model, specs, real, precision: str, uint8_input: bool, folder
 
 
 def _export_int8(model, specs, real, folder: Path) -> dict:
-    from export.quantize import int8_from_onnx
+    from export.quantize import TOWER_RECIPES, int8_cpu_from_onnx
 
     entries, problems = {}, []
     for name, spec in specs.items():
         src, dst = folder / spec.file_name, folder / f"{name}.int8.onnx"
-        info = int8_from_onnx(src, dst)
+        info = int8_cpu_from_onnx(src, dst, TOWER_RECIPES[name])
         run, validator = _graph_runner(dst, spec)
         report, failed = check_tower(run, model, spec, real[name], TOLERANCES["int8"])
         report["validator"] = validator

@@ -37,7 +37,7 @@ TOLERANCES = {
     "fp32": Tolerance(min_cosine=0.99999, max_abs=1e-4),
     "fp16": Tolerance(min_cosine=0.999, max_abs=2e-2),
     "bf16": Tolerance(min_cosine=0.99, max_abs=6e-2),
-    "int8": Tolerance(min_cosine=0.98, max_abs=0.15),
+    "int8": Tolerance(min_cosine=0.995, max_abs=0.05),
 }
 
 
