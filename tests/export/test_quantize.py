@@ -113,7 +113,7 @@ def test_unknown_recipe_is_a_config_error(tiny_int8, tmp_path):
     from fklip.errors import ConfigError
 
     folder, _ = tiny_int8
-    with pytest.raises(ConfigError, match="int8-7bit, uint8"):
+    with pytest.raises(ConfigError, match="int8-7bit, int8-8bit, uint8"):
         int8_cpu_from_onnx(folder / "image.onnx", tmp_path / "x.onnx", recipe="int4")
     assert list(tmp_path.iterdir()) == []
 
