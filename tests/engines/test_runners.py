@@ -595,3 +595,34 @@ def test_vit_b32_matches_torch(backend, vit_b32, vit_b32_reference):
         for batch_size in (1, 64):
             got = pipeline.encode_texts(runner, tokenizer_for(runner), _texts(9), batch_size)
             assert_within(got, vit_b32_reference["texts"], _tolerance(export, "text"))
+
+
+@pytest.mark.parametrize("chunk_batches", [1, 2, 64])
+def test_texts_are_batched_by_length_and_returned_in_order(chunk_batches, monkeypatch):
+    """Captions of similar length share a batch (sorted within each chunk of batches), so a batch
+    cut after its last end token carries little padding; results come back in input order."""
+    from fklip.model import Tokenizer
+
+    monkeypatch.setattr(pipeline, "SORT_CHUNK_BATCHES", chunk_batches)
+    rng = np.random.default_rng(0)
+    words = ["red", "short", "sleeve", "t-shirt", "wool", "coat", "with", "buttons", "and", "pockets"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 25)))) for _ in range(37)]
+    tokenizer = Tokenizer("original", 77)
+    seen = []
+
+    class Spy(RowRunner):
+        def encode_texts(self, ids):
+            seen.append(np.asarray(ids).argmax(1))  # the end token's position per row
+            return super().encode_texts(ids)
+
+    runner = Spy(64)
+    got = pipeline.encode_texts(runner, tokenizer, texts, 4)
+    assert np.array_equal(got, runner.encode_texts(tokenizer(texts).numpy()))
+    chunk = 4 * chunk_batches
+    positions = np.concatenate(seen[:-1])
+    for start in range(0, len(texts), chunk):  # non-decreasing within each chunk
+        part = positions[start:start + chunk]
+        assert np.all(np.diff(part) >= 0)
+    if chunk_batches == 64:  # one chunk: every batch spans a narrow band of lengths
+        spans = [int(p.max() - p.min()) for p in seen[:-1]]
+        assert max(spans) < int(positions.max() - positions.min())
