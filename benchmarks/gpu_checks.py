@@ -1,0 +1,114 @@
+"""GPU checks that CI cannot run: exact top-k at 1,000,000 x 1,000,000, `fklip eval --device cuda`
+against the CPU, and the torch engine's CUDA paths against the CPU. Prints one JSON line.
+
+    python benchmarks/gpu_checks.py [--n 1000000] [--dim 512] [--k 10] [--eval-size 64]
+
+Run by benchmarks/gpu.sh on a lent GPU machine (nothing is downloaded; see that script).
+Exits non-zero if any check fails; every check's figures are in the JSON line either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+def check_topk(n: int, dim: int, k: int) -> dict:
+    """n x n exact top-k both ways on one GPU (fp16 features); a sample of rows against the
+    float32 full-row reference on the same device. Features are multiples of 1/8 in [-0.5, 0.5],
+    so every product is exact in float32 whatever the tiling (and ties are frequent: the tie
+    rule is checked too)."""
+    from fklip.retrieval import topk_both_ways, topk_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    queries = (torch.randint(-4, 5, (n, dim), device="cuda", generator=gen) / 8).half()  # (n, dim)
+    gallery = (torch.randint(-4, 5, (n, dim), device="cuda", generator=gen) / 8).half()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    (v_qg, i_qg), (v_gq, i_gq) = topk_both_ways(queries, gallery, k)
+    torch.cuda.synchronize()
+    took = time.perf_counter() - started
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:256].cuda()
+    ref_v, ref_i = topk_reference(queries[rows], gallery, k)
+    ok = bool(torch.equal(ref_i, i_qg[rows]) and torch.equal(ref_v, v_qg[rows]))
+    ref_v2, ref_i2 = topk_reference(gallery[rows], queries, k)
+    ok = ok and bool(torch.equal(ref_i2, i_gq[rows]) and torch.equal(ref_v2, v_gq[rows]))
+    return {"n": n, "dim": dim, "k": k, "seconds_both_ways": round(took, 2),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "sampled_rows_equal_reference": ok, "passed": ok}
+
+
+def _fklip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fklip", *args], capture_output=True, text=True, check=False)
+
+
+def check_eval(folder: Path, size: int) -> dict:
+    """`fklip eval --device cuda` (torch engine, and --cuda-graphs) against `--device cpu` on the
+    demo data with fklip-tiny: same predictions files, metrics within rounding."""
+    data = folder / "data"
+    r = _fklip("data", "demo", "--out", str(data), "--size", "64", "--val", str(size), "--train", "8",
+               "--kb", "8")
+    if r.returncode:
+        return {"passed": False, "error": r.stderr[-500:]}
+    val = data / "fashiongen" / "val"
+    ckpt = folder / "tiny.pt"
+    from fklip.model import ModelSpec, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    spec = ModelSpec.from_name("fklip-tiny")
+    save_checkpoint(ckpt, build_model(spec), spec)
+    common = ["eval", "--resume", str(ckpt), "--image-data", str(next(val.glob("*.npz"))),
+              "--text-data", str(val / "fashion-gen_val_queries.jsonl")]
+    results = {}
+    for name, extra in (("cpu", ["--device", "cpu"]), ("cuda", ["--device", "cuda"]),
+                        ("cuda_graphs", ["--device", "cuda", "--cuda-graphs"]),
+                        ("cuda_fp16", ["--device", "cuda", "--precision", "fp16"])):
+        started = time.perf_counter()
+        r = _fklip(*common, "--output-dir", str(folder / name), *extra)
+        results[name] = {"rc": r.returncode, "seconds": round(time.perf_counter() - started, 2)}
+        if r.returncode:
+            results[name]["error"] = r.stderr[-500:]
+            continue
+        results[name]["metrics"] = json.loads((folder / name / "metrics.json").read_text())["mean_recall"]
+    ran = all(v["rc"] == 0 for v in results.values())
+    # GPU and CPU products round differently, so near-ties may swap: equal files are reported,
+    # and the recall of each CUDA run must be within 1 point of the CPU's
+    same = ran and all((folder / "cpu" / f).read_text() == (folder / "cuda" / f).read_text()
+                       for f in ("test_txts_predictions.jsonl", "test_imgs_predictions.jsonl"))
+    close = ran and all(abs(v["metrics"] - results["cpu"]["metrics"]) <= 1.0 for v in results.values())
+    return {"runs": results, "cuda_predictions_equal_cpu": same, "passed": close}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--eval-size", type=int, default=64)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_checks: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 3
+    report = {"benchmark": "gpu_checks", "gpu": torch.cuda.get_device_name(0),
+              "torch": str(torch.__version__), "cuda": torch.version.cuda, "python": platform.python_version(),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    report["topk"] = check_topk(args.n, args.dim, args.k)
+    with tempfile.TemporaryDirectory() as tmp:
+        report["eval"] = check_eval(Path(tmp), args.eval_size)
+    report["passed"] = report["topk"]["passed"] and report["eval"]["passed"]
+    print(json.dumps(report))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
