@@ -2,6 +2,7 @@
 against the CPU, and the torch engine's CUDA paths against the CPU. Prints one JSON line.
 
     python benchmarks/gpu_checks.py [--n 1000000] [--dim 512] [--k 10] [--eval-size 64]
+    python benchmarks/gpu_checks.py --device cpu --n 3000     # a dry run of the script here
 
 Run by benchmarks/gpu.sh on a lent GPU machine (nothing is downloaded; see that script).
 Exits non-zero if any check fails; every check's figures are in the JSON line either way.
@@ -22,29 +23,36 @@ from pathlib import Path
 import torch
 
 
-def check_topk(n: int, dim: int, k: int) -> dict:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def check_topk(n: int, dim: int, k: int, device: str = "cuda") -> dict:
     """n x n exact top-k both ways on one GPU (fp16 features); a sample of rows against the
     float32 full-row reference on the same device. Features are multiples of 1/8 in [-0.5, 0.5],
     so every product is exact in float32 whatever the tiling (and ties are frequent: the tie
     rule is checked too)."""
     from fklip.retrieval import topk_both_ways, topk_reference
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    queries = (torch.randint(-4, 5, (n, dim), device="cuda", generator=gen) / 8).half()  # (n, dim)
-    gallery = (torch.randint(-4, 5, (n, dim), device="cuda", generator=gen) / 8).half()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator(device=device).manual_seed(0)
+    queries = (torch.randint(-4, 5, (n, dim), device=device, generator=gen) / 8).half()  # (n, dim)
+    gallery = (torch.randint(-4, 5, (n, dim), device=device, generator=gen) / 8).half()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     (v_qg, i_qg), (v_gq, i_gq) = topk_both_ways(queries, gallery, k)
-    torch.cuda.synchronize()
+    _sync(device)
     took = time.perf_counter() - started
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:256].cuda()
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:256].to(device)
     ref_v, ref_i = topk_reference(queries[rows], gallery, k)
     ok = bool(torch.equal(ref_i, i_qg[rows]) and torch.equal(ref_v, v_qg[rows]))
     ref_v2, ref_i2 = topk_reference(gallery[rows], queries, k)
     ok = ok and bool(torch.equal(ref_i2, i_gq[rows]) and torch.equal(ref_v2, v_gq[rows]))
     return {"n": n, "dim": dim, "k": k, "seconds_both_ways": round(took, 2),
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "sampled_rows_equal_reference": ok, "passed": ok}
 
 
@@ -52,7 +60,7 @@ def _fklip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fklip", *args], capture_output=True, text=True, check=False)
 
 
-def check_eval(folder: Path, size: int) -> dict:
+def check_eval(folder: Path, size: int, device: str = "cuda") -> dict:
     """`fklip eval --device cuda` (torch engine, and --cuda-graphs) against `--device cpu` on the
     demo data with fklip-tiny: same predictions files, metrics within rounding."""
     data = folder / "data"
@@ -70,9 +78,13 @@ def check_eval(folder: Path, size: int) -> dict:
     common = ["eval", "--resume", str(ckpt), "--image-data", str(next(val.glob("*.npz"))),
               "--text-data", str(val / "fashion-gen_val_queries.jsonl")]
     results = {}
-    for name, extra in (("cpu", ["--device", "cpu"]), ("cuda", ["--device", "cuda"]),
-                        ("cuda_graphs", ["--device", "cuda", "--cuda-graphs"]),
-                        ("cuda_fp16", ["--device", "cuda", "--precision", "fp16"])):
+    runs = [("cpu", ["--device", "cpu"])]
+    if device.startswith("cuda"):
+        runs += [("cuda", ["--device", device]), ("cuda_graphs", ["--device", device, "--cuda-graphs"]),
+                 ("cuda_fp16", ["--device", device, "--precision", "fp16"])]
+    else:  # a dry run of the plumbing on the CPU
+        runs += [("cuda", ["--device", "cpu"])]
+    for name, extra in runs:
         started = time.perf_counter()
         r = _fklip(*common, "--output-dir", str(folder / name), *extra)
         results[name] = {"rc": r.returncode, "seconds": round(time.perf_counter() - started, 2)}
@@ -95,16 +107,18 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--eval-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (small --n)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_checks: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 3
-    report = {"benchmark": "gpu_checks", "gpu": torch.cuda.get_device_name(0),
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
+    report = {"benchmark": "gpu_checks", "gpu": gpu,
               "torch": str(torch.__version__), "cuda": torch.version.cuda, "python": platform.python_version(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
-    report["topk"] = check_topk(args.n, args.dim, args.k)
+    report["topk"] = check_topk(args.n, args.dim, args.k, args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        report["eval"] = check_eval(Path(tmp), args.eval_size)
+        report["eval"] = check_eval(Path(tmp), args.eval_size, args.device)
     report["passed"] = report["topk"]["passed"] and report["eval"]["passed"]
     print(json.dumps(report))
     return 0 if report["passed"] else 1
