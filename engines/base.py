@@ -143,27 +143,6 @@ def image_encoding_of(pixels, image_size: int) -> str:
                     f"(B, {image_size}, {image_size}, 3) pixels")
 
 
-def _clip_stats() -> tuple[np.ndarray, np.ndarray]:
-    from fklip.data.archive import CLIP_MEAN, CLIP_STD
-
-    shape = (1, 3, 1, 1)
-    return np.asarray(CLIP_MEAN, np.float32).reshape(shape), np.asarray(CLIP_STD, np.float32).reshape(shape)
-
-
-def normalized_from_pixels_batch(hwc: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W); `archive.normalized_from_pixels` per image, bit for bit."""
-    mean, std = _clip_stats()
-    x = hwc.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)  # (B, 3, H, W) in [0, 1]
-    return np.ascontiguousarray((x - mean) / std)
-
-
-def pixels_from_normalized_batch(chw: np.ndarray) -> np.ndarray:
-    """float32 (B, 3, H, W) -> uint8 (B, H, W, 3), rounding; `archive.pixels_from_normalized` per image."""
-    mean, std = _clip_stats()
-    pixels = np.clip(np.rint((chw.astype(np.float32) * std + mean) * 255.0), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
-
-
 def images_in_encoding(pixels: np.ndarray, image_size: int, encoding: str) -> np.ndarray:
     """A (B, ...) numpy batch in either encoding, converted to `encoding` (contiguous)."""
     if encoding not in IMAGE_ENCODINGS:
@@ -172,9 +151,11 @@ def images_in_encoding(pixels: np.ndarray, image_size: int, encoding: str) -> np
     if have == encoding:
         dtype = np.uint8 if encoding == "uint8_hwc" else np.float32
         return np.ascontiguousarray(pixels, dtype=dtype)
+    from fklip.data.archive import normalized_from_pixels, pixels_from_normalized
+
     if encoding == "float32_chw":
-        return normalized_from_pixels_batch(pixels)
-    return pixels_from_normalized_batch(pixels)
+        return normalized_from_pixels(pixels)
+    return pixels_from_normalized(pixels)
 
 
 def text_ids_from(ids, context_length: int, dtype: str = "int64") -> np.ndarray:

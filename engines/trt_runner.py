@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import RunnerConfig, as_numpy, cut_after_last_end
+from engines.base import RunnerConfig, as_numpy, image_encoding_of, text_ids_from
 from engines.manifest import TOWER_NAMES, read_manifest
 from export.manifest import MANIFEST_NAME
 from export.profiles import profiles_for
@@ -134,40 +134,20 @@ def image_input(pixels, encoding: str, image_size: int, device) -> torch.Tensor:
     uint8 pixels for a float graph are normalised on the device; float pixels for a uint8 graph
     are rounded back to pixels on the CPU (exact for pixels that came from uint8 images).
     """
-    s = image_size
-    if isinstance(pixels, torch.Tensor):
-        dtype, is_uint8, is_float = pixels.dtype, pixels.dtype == torch.uint8, pixels.dtype.is_floating_point
-    else:
-        pixels = np.asarray(pixels)
-        dtype, is_uint8, is_float = pixels.dtype, pixels.dtype == np.uint8, np.issubdtype(pixels.dtype, np.floating)
-    shape = tuple(pixels.shape)
-    if is_uint8 and shape[1:] == (s, s, 3):
-        given = "uint8_hwc"
-    elif is_float and shape[1:] == (3, s, s):
-        given = "float32_chw"
-    else:
-        raise DataError(f"pixels: expected float32 (B, 3, {s}, {s}) or uint8 (B, {s}, {s}, 3), "
-                        f"got {dtype} {shape}")
+    given = image_encoding_of(pixels, image_size)
     if given == encoding:
         x = torch.as_tensor(pixels).to(device, non_blocking=True)
         x = x.float() if encoding == "float32_chw" else x
     elif encoding == "float32_chw":
         x = model_input_from_batch(pixels, "uint8_hwc", device=device)
     else:
-        chw = as_numpy(pixels).astype(np.float32, copy=False)
-        x = torch.from_numpy(np.stack([pixels_from_normalized(c) for c in chw])).to(device)
+        x = torch.from_numpy(pixels_from_normalized(as_numpy(pixels))).to(device)
     return x.contiguous()
 
 
 def text_input(ids, context_length: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) token ids -> a contiguous CPU tensor of `dtype`, cut after the last end token."""
-    ids = as_numpy(ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or not 1 <= ids.shape[1] <= context_length:
-        raise DataError(f"ids: expected integer token ids (B, L) with 1 <= L <= {context_length}, "
-                        f"got {ids.dtype} {ids.shape}")
-    if len(ids):
-        ids = cut_after_last_end(ids)
-    return torch.from_numpy(np.ascontiguousarray(ids)).to(dtype)
+    return torch.from_numpy(text_ids_from(ids, context_length, str(dtype).removeprefix("torch.")))
 
 
 def batch_slices(n: int, max_batch: int) -> list[slice]:

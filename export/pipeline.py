@@ -121,9 +121,9 @@ def _real_inputs(cfg: ExportConfig, ckpt, specs: dict[str, TowerSpec]) -> dict[s
             encoding = archive.encoding
         want_uint8 = specs["image"].input.dtype == "uint8"
         if want_uint8 and encoding == "float32_chw":
-            batch = np.stack([pixels_from_normalized(x) for x in batch])
+            batch = pixels_from_normalized(batch)
         elif not want_uint8 and encoding == "uint8_hwc":
-            batch = np.stack([normalized_from_pixels(x) for x in batch])
+            batch = normalized_from_pixels(batch)
         real["image"] = batch
     if cfg.parity_texts is not None:
         from fklip.data.jsonl import read_text_queries

@@ -300,18 +300,20 @@ class ArchiveWriter:
 
 
 def pixels_from_normalized(chw: np.ndarray) -> np.ndarray:
-    """Invert the CLIP normalisation of float32 (3, H, W) -> uint8 (H, W, 3), rounding."""
+    """Invert the CLIP normalisation of float32 (..., 3, H, W) -> uint8 (..., H, W, 3), rounding.
+    One image or a batch: the same elementwise arithmetic either way."""
     mean = np.asarray(CLIP_MEAN, np.float32)[:, None, None]
     std = np.asarray(CLIP_STD, np.float32)[:, None, None]
-    pixels = np.clip(np.rint((chw * std + mean) * 255.0), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(pixels.transpose(1, 2, 0))
+    pixels = np.clip(np.rint((chw.astype(np.float32, copy=False) * std + mean) * 255.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(pixels, -3, -1))
 
 
 def normalized_from_pixels(hwc: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (3, H, W), scaled to [0, 1] and CLIP-normalised (the original's recipe)."""
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W), scaled to [0, 1] and CLIP-normalised (the
+    original's recipe). One image or a batch."""
     mean = np.asarray(CLIP_MEAN, np.float32)[:, None, None]
     std = np.asarray(CLIP_STD, np.float32)[:, None, None]
-    x = hwc.astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    x = np.moveaxis(hwc.astype(np.float32), -1, -3) / np.float32(255.0)
     return np.ascontiguousarray((x - mean) / std)
 
 

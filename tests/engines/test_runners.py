@@ -369,16 +369,15 @@ def test_pipeline_checks(tiny_spec, tiny_archives):
 # ---- conversions, ids, configuration errors
 
 
-def test_batch_conversions_equal_the_per_image_functions():
-    from engines.base import normalized_from_pixels_batch, pixels_from_normalized_batch
+def test_batch_conversions_equal_the_per_image_conversions():
     from fklip.data.archive import normalized_from_pixels, pixels_from_normalized
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
-    floats = normalized_from_pixels_batch(pixels)
+    floats = normalized_from_pixels(pixels)
     assert np.array_equal(floats, np.stack([normalized_from_pixels(p) for p in pixels]))
-    assert np.array_equal(pixels_from_normalized_batch(floats), pixels)
+    assert np.array_equal(pixels_from_normalized(floats), pixels)
     noisy = floats + np.float32(0.01)
-    assert np.array_equal(pixels_from_normalized_batch(noisy), np.stack([pixels_from_normalized(f) for f in noisy]))
+    assert np.array_equal(pixels_from_normalized(noisy), np.stack([pixels_from_normalized(f) for f in noisy]))
 
 
 def test_runners_refuse_bad_inputs(tiny_checkpoint, tiny_exports):

@@ -424,7 +424,7 @@ def test_image_input_converts_between_encodings():
     np.testing.assert_array_equal(image_input(hwc, "uint8_hwc", S, "cpu").numpy(), hwc)
     assert pixels_from_normalized(chw[0]).shape == (S, S, 3)
     for bad in (hwc.astype(np.float32), chw[:, :, :-1], chw.astype(np.int32)):
-        with pytest.raises(DataError, match=rf"expected float32 \(B, 3, {S}, {S}\) or uint8"):
+        with pytest.raises(DataError, match=rf"expected float32 \(B, 3, {S}, {S}\) CLIP-normalised or uint8"):
             image_input(bad, "float32_chw", S, "cpu")
 
 
@@ -437,8 +437,11 @@ def test_text_input_cuts_and_casts():
     assert x.dtype == torch.int32 and tuple(x.shape) == (3, 7) and x.is_contiguous()
     np.testing.assert_array_equal(x.numpy(), ids[:, :7])
     assert tuple(text_input(ids[:0], CONTEXT, torch.int64).shape) == (0, CONTEXT)
-    for bad in (np.zeros((2, CONTEXT + 1), np.int64), ids.astype(np.float32), ids[0], ids[:, :0]):
-        with pytest.raises(DataError, match=rf"1 <= L <= {CONTEXT}"):
+    for bad, message in ((np.zeros((2, CONTEXT + 1), np.int64), rf"{CONTEXT + 1} positions, expected 1 to .* {CONTEXT}"),
+                         (ids.astype(np.float32), r"expected an integer \(B, L\) array"),
+                         (ids[0], r"expected an integer \(B, L\) array"),
+                         (ids[:, :0], rf"0 positions, expected 1 to .* {CONTEXT}")):
+        with pytest.raises(DataError, match=message):
             text_input(bad, CONTEXT, torch.int32)
 
 
