@@ -9,7 +9,6 @@ either runs on CUDA or fails: never a silent fallback to the CPU.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,45 +20,12 @@ from engines.base import (
     text_ids_from,
 )
 from engines.manifest import graph_entries, read_manifest
-from fklip.errors import ConfigError, FklipError, MissingDependencyError
-
-if TYPE_CHECKING:
-    from pathlib import Path
+from fklip.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 ENCODING_OF_DTYPE = {"float32": "float32_chw", "uint8": "uint8_hwc"}
-
-
-class ProviderError(FklipError):
-    """onnxruntime would not run a graph on the execution provider that was asked for."""
-
-
-def cuda_session(path: Path, device_id: int, threads: int | None = None):
-    """An onnxruntime session on CUDA device `device_id`, or an error: never the CPU instead."""
-    from export.onnx_export import require_onnx
-
-    _, ort = require_onnx()
-    available = ort.get_available_providers()
-    if CUDA not in available:
-        raise MissingDependencyError(
-            f"--device cuda: this onnxruntime ({ort.__version__}) has no {CUDA} (it has "
-            f"{', '.join(available)}); install onnxruntime-gpu in its place: "
-            "pip uninstall onnxruntime && pip install \"fklip[gpu]\"")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=[(CUDA, {"device_id": device_id})])
-    used = session.get_providers()
-    if not used or used[0] != CUDA:
-        # onnxruntime-gpu drops CUDA when its libraries (CUDA, cuDNN) do not load
-        raise ProviderError(f"{path}: onnxruntime would run on {', '.join(used) or 'nothing'} instead of "
-                            f"{CUDA} (device {device_id}); check that the CUDA and cuDNN libraries "
-                            "onnxruntime-gpu was built for are installed")
-    return session
 
 
 class OnnxRunner:
@@ -114,9 +80,9 @@ class OnnxRunner:
         for tower, entry in self.graphs.items():
             path = manifest["_dir"] / entry["file"]
             if self._device_id is None:
-                sessions[tower] = ort_session(path, cfg.threads, (CPU,))
+                sessions[tower] = ort_session(path, cfg.threads)
             else:
-                sessions[tower] = cuda_session(path, self._device_id, cfg.threads)
+                sessions[tower] = ort_session(path, cfg.threads, CUDA, {"device_id": self._device_id})
         self._sessions = sessions
         logger.info("onnx runner: %s (%s) on %s, %s pixels, %s ids, max batch %d", self.model_name,
                     self.precision, self.device, self.image_encoding, self.ids_dtype, self.max_batch)

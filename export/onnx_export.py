@@ -94,24 +94,33 @@ def check_graph(path: Path, spec: TowerSpec, expected_layernorms: int | None = N
     raise_collected(problems, f"{path}: the exported {spec.tower} graph is not as expected", ExportError)
 
 
-def ort_session(path: Path, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
-    """An onnxruntime session with full graph optimisation; providers are never silently dropped."""
+class ProviderError(FklipError):
+    """onnxruntime would not run a graph on the execution provider that was asked for."""
+
+
+def ort_session(path: Path, threads: int | None = None, provider: str = "CPUExecutionProvider",
+                provider_options: dict | None = None):
+    """An onnxruntime session with full graph optimisation on `provider`, or an error: a provider
+    this onnxruntime lacks, or one it would drop for another (onnxruntime-gpu drops CUDA when its
+    libraries do not load), is never silently replaced by the CPU."""
     _, ort = require_onnx()
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise MissingDependencyError(
+            f"this onnxruntime ({ort.__version__}) has no {provider} (it has {', '.join(available)}); "
+            "for CUDA install onnxruntime-gpu in its place: pip uninstall onnxruntime && "
+            "pip install \"fklip[gpu]\"")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
-    available = ort.get_available_providers()
-    missing = [p for p in providers if p not in available]
-    if missing:
-        raise MissingDependencyError(
-            f"onnxruntime here has no {', '.join(missing)} (it has {', '.join(available)}); "
-            "for CUDA install onnxruntime-gpu: pip install \"fklip[gpu]\"")
-    session = ort.InferenceSession(str(path), options, providers=list(providers))
+    session = ort.InferenceSession(str(path), options, providers=[(provider, provider_options or {})])
     used = session.get_providers()
-    if used[0] != providers[0]:
-        raise ExportError(f"{path}: onnxruntime would run on {used[0]} instead of {providers[0]}")
+    if not used or used[0] != provider:
+        raise ProviderError(f"{path}: onnxruntime would run on {', '.join(used) or 'nothing'} instead of "
+                            f"{provider} {provider_options or ''}; for CUDA check that the CUDA and cuDNN "
+                            "libraries onnxruntime-gpu was built for are installed")
     return session
 
 
