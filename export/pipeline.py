@@ -50,11 +50,13 @@ def run_export(cfg: ExportConfig) -> dict:
     try:
         towers = _export_towers(ckpt.model, specs, real, cfg.precision, cfg.uint8_input, tmp)
         int8 = _export_int8(ckpt.model, specs, real, tmp) if cfg.int8 else None
-        manifest = _manifest(cfg, ckpt, towers, int8, trt=None)
+        source = {"checkpoint": str(cfg.checkpoint.resolve()), "sha256": sha256_of(cfg.checkpoint),
+                  "format": ckpt.source_format, "epoch": ckpt.epoch}
+        manifest = _manifest(cfg, spec, source, towers, int8, trt=None)
         write_json(tmp / MANIFEST_NAME, manifest)
         if cfg.trt:  # the trt runner reads the manifest above; the engines join it after
             trt = {"device": trt_facts, **_build_engines(ckpt.model, specs, real, tmp, cfg.precision)}
-            manifest = _manifest(cfg, ckpt, towers, int8, trt)
+            manifest = _manifest(cfg, spec, source, towers, int8, trt)
             write_json(tmp / MANIFEST_NAME, manifest)
         _move_into_place(tmp, cfg.out)
     finally:
@@ -62,16 +64,13 @@ def run_export(cfg: ExportConfig) -> dict:
     return manifest
 
 
-def _manifest(cfg: ExportConfig, ckpt, towers: dict, int8: dict | None, trt: dict | None) -> dict:
-    spec = ckpt.spec
+def _manifest(cfg: ExportConfig, spec, source: dict, towers: dict, int8: dict | None, trt: dict | None) -> dict:
     return build_manifest(
         model={"name": spec.name, "embed_dim": spec.embed_dim, "image_size": spec.image_size,
                "context_length": spec.context_length, "truncation": spec.truncation},
         precision=cfg.precision, uint8_input=cfg.uint8_input, opset=towers["image"]["opset"],
         profile={"opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch},
-        source={"checkpoint": str(cfg.checkpoint.resolve()), "sha256": sha256_of(cfg.checkpoint),
-                "format": ckpt.source_format, "epoch": ckpt.epoch},
-        towers=towers, int8=int8, trt=trt)
+        source=source, towers=towers, int8=int8, trt=trt)
 
 
 def _check_out(out: Path, force: bool) -> None:
