@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 
 def test_gpu_checks_dry_run_on_cpu():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_checks.py"), "--device", "cpu",
-                        "--n", "1500", "--eval-size", "12"], capture_output=True, text=True, timeout=300)
+                        "--n", "1500", "--eval-size", "12"], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["passed"] and report["topk"]["sampled_rows_equal_reference"]
@@ -17,15 +17,13 @@ def test_gpu_checks_dry_run_on_cpu():
 
 
 def test_gpu_checks_refuse_cuda_without_a_gpu():
-    import pytest
-    import torch
+    import os
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU visible, wherever this runs
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_checks.py")], capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, env=env, check=False)
     assert r.returncode == 3 and "no CUDA device" in r.stderr
 
 
 def test_gpu_script_is_valid_bash():
-    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=False).returncode == 0

@@ -8,8 +8,6 @@ from click.testing import CliRunner
 
 from fklip.cli import cli
 
-pytest.importorskip("onnxruntime")
-
 
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])

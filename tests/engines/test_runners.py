@@ -18,8 +18,6 @@ from engines import pipeline
 from engines.base import BACKENDS, RunnerConfig, build_runner, tokenizer_for
 from fklip.errors import ConfigError, DataError, FklipError, MissingDependencyError
 
-pytest.importorskip("onnxruntime")
-
 BATCH_SIZES = (1, 7, 64)
 N_IMAGES = 70  # not a multiple of any batch size, and more than one max batch (16)
 WORDS = ["red", "blue", "black", "white", "cotton", "silk", "wool", "t-shirt", "dress", "jacket", "coat",
@@ -428,11 +426,11 @@ def test_runners_describe_their_model(tiny_checkpoint, tiny_exports, tiny_spec):
 # ---- execution providers
 
 
-def test_onnx_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_exports):
+def test_onnx_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_exports, monkeypatch):
     import onnxruntime
 
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("onnxruntime here has the CUDA provider")
+    # as onnxruntime (CPU) is here; with onnxruntime-gpu installed the answer must be the same
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(MissingDependencyError, match="onnxruntime-gpu"):
         build_runner(RunnerConfig("onnx", engine_dir=tiny_exports["float"], device="cuda:0")).__enter__()
 
@@ -441,11 +439,14 @@ def test_onnx_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_exports):
 def test_onnx_cuda_never_falls_back_to_the_cpu(tiny_exports, monkeypatch):
     import onnxruntime
 
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("onnxruntime here has the CUDA provider")
+    class CpuOnly(onnxruntime.InferenceSession):  # what onnxruntime-gpu does when CUDA fails to load
+        def __init__(self, path, options=None, providers=None, **kw):
+            super().__init__(path, options, providers=["CPUExecutionProvider"], **kw)
+
     # claim CUDA is there: onnxruntime then builds a CPU session, which must be refused
     monkeypatch.setattr(onnxruntime, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", CpuOnly)
     with pytest.raises(FklipError, match="instead of CUDAExecutionProvider"):
         build_runner(RunnerConfig("onnx", engine_dir=tiny_exports["float"], device="cuda")).__enter__()
 

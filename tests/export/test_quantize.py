@@ -4,11 +4,9 @@ fklip-tiny everywhere; ViT-B-32 (random weights) where the int16 saturation it a
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
-
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
 
 
 def _fp32_graphs(model, spec, folder):

@@ -285,7 +285,7 @@ def write_tiny_export(folder, uint8_input=False, ids_dtype="int32", opt_batch=2,
     """An export folder with two tiny graphs and their numpy oracles (what `fklip export` writes,
     in the manifest's format). Image: mean over space, a (3, D) projection, L2 norm. Text: the
     embedding of each row's largest id (the end token, as CLIP pools), L2 norm."""
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -359,7 +359,8 @@ def write_tiny_export(folder, uint8_input=False, ids_dtype="int32", opt_batch=2,
 
 
 def test_tiny_export_graphs_match_their_oracles(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
     for uint8_input, ids_dtype in ((False, "int32"), (True, "int64")):
         folder, image_oracle, text_oracle = write_tiny_export(tmp_path, uint8_input, ids_dtype)
         spec = image_tower_spec(S, D, uint8_input=uint8_input)
