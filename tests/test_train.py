@@ -41,6 +41,13 @@ def invoke(args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+def with_train_data(args: list, path) -> list:
+    """`args` with --train-data replaced by `path`."""
+    args = list(args)
+    args[args.index("--train-data") + 1] = path
+    return args
+
+
 def scalars(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -125,9 +132,7 @@ def test_bad_inputs(tmp_path, demo):
     assert r.exit_code == 2 and "--precision amp needs --device cuda" in r.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query_id": 1}\n')
-    args = train_args(demo, tmp_path, "e")
-    args[args.index("--train-data") + 1] = bad
-    r = invoke(args)
+    r = invoke(with_train_data(train_args(demo, tmp_path, "e"), bad))
     assert r.exit_code == 2 and 'line 1: missing field "query_text"' in r.output
     assert not any((tmp_path / n).exists() for n in "bcde")
 
@@ -175,9 +180,7 @@ def test_concept_coverage_is_reported_once(tmp_path, demo, caplog):
 def test_empty_training_file(tmp_path, demo):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    args = train_args(demo, tmp_path, "empty")
-    args[args.index("--train-data") + 1] = empty
-    r = invoke(args)
+    r = invoke(with_train_data(train_args(demo, tmp_path, "empty"), empty))
     assert r.exit_code == 2 and "the file is empty" in r.output
 
 
