@@ -14,7 +14,10 @@ exactly without sorting whole rows and without ever holding a (Q, N) matrix:
 * candidates are packed into unique int64 keys (order-preserving score bits << 32 | inverted index),
   so merging the running top-k with a tile is one `torch.topk` with a single correct answer;
 * `topk_both_ways` selects along the rows and along the columns of the same tile, so the two
-  directions of a retrieval evaluation cost one matmul instead of two.
+  directions of a retrieval evaluation cost one matmul instead of two;
+* on CUDA (method "auto" or "fused"), fklip.fused_topk runs the matmul and the selection in one
+  Triton kernel instead (no score tile in memory; fp16 features read as fp16) and merges the same
+  keys; this torch path is its fallback and oracle.
 
 Given the same float32 scores, the result is identical to `topk_reference` (full matrix + stable
 sort) for any chunk sizes. The scores themselves are BLAS float32 dot products, whose last bit may
@@ -43,6 +46,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 _LOW32 = 0xFFFFFFFF  # the low half of a key holds _LOW32 - index, so a lower index is a larger key
 _SHIFT = 1 << 32
+# "auto": the fused Triton kernel (fklip.fused_topk) on CUDA where it applies, else the torch path.
+METHODS = ("auto", "torch", "fused")
 # Largest score tile (query rows, gallery rows): 256 MiB of float32. Big tiles amortise the per-row
 # cost of the selection over more scores; tuned on 2 CPU cores (benchmarks/RESULTS.md). `tile_sizes`
 # cuts the inputs into equal tiles no larger than this.
@@ -60,14 +65,16 @@ class MissingPredictionError(DataError):
 
 # ---- top-k ----
 
-def _gallery_rows(gallery: Gallery, start: int, stop: int, device: torch.device) -> Tensor:
-    """Rows [start, stop) as float32 on `device`; a memmap is only read for these rows."""
+def _gallery_rows(gallery: Gallery, start: int, stop: int, device: torch.device,
+                  dtype: torch.dtype | None = torch.float32) -> Tensor:
+    """Rows [start, stop) as `dtype` (None: their own) on `device`; a memmap is only read for
+    these rows."""
     if isinstance(gallery, Tensor):
         rows = gallery[start:stop]
     else:
         # Copy: this reads a memmap's rows, and torch cannot wrap a read-only array safely.
         rows = torch.from_numpy(np.array(gallery[start:stop]))
-    return rows.to(device=device, dtype=torch.float32)  # (stop - start, D)
+    return rows.to(device=device, dtype=dtype or rows.dtype)  # (stop - start, D)
 
 
 def _bad_rows(x: Gallery, chunk: int, device: torch.device) -> list[int]:
@@ -85,12 +92,14 @@ def _bad_rows(x: Gallery, chunk: int, device: torch.device) -> list[int]:
 
 
 def _check_inputs(queries: Tensor, gallery: Gallery, k: int, query_chunk: int,
-                  gallery_chunk: int) -> None:
+                  gallery_chunk: int, method: str = "torch") -> None:
     """Collect every problem with the arguments, then raise once."""
     flags = [f"{name} must be an int >= 1, got {value!r}"
              for name, value in (("k", k), ("query_chunk", query_chunk),
                                  ("gallery_chunk", gallery_chunk))
              if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1]
+    if method not in METHODS:
+        flags.append(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     raise_collected(flags, "top-k: bad arguments", ConfigError)
 
     problems = []
@@ -246,7 +255,8 @@ def _scores_into(buffer: Tensor, query: Tensor, rows: Tensor) -> Tensor:
 
 @torch.no_grad()
 def topk_chunked(queries: Tensor, gallery: Gallery, k: int, *, query_chunk: int = 4096,
-                 gallery_chunk: int = 65536, progress: bool = False) -> tuple[Tensor, Tensor]:
+                 gallery_chunk: int = 65536, progress: bool = False,
+                 method: str = "auto") -> tuple[Tensor, Tensor]:
     """The k highest inner products of each query with the gallery, best first; equal scores keep
     gallery order. Memory is one float32 score tile of at most query_chunk x gallery_chunk, capped
     at SCORE_TILE (plus, for rows whose ties straddle the cut, int64 keys for those rows), never
@@ -257,15 +267,19 @@ def topk_chunked(queries: Tensor, gallery: Gallery, k: int, *, query_chunk: int 
     gallery: (N, D) tensor or numpy array / np.memmap, read gallery_chunk rows at a time and
         moved to the queries' device.
     Returns values (Q, min(k, N)) float32 and indices (Q, min(k, N)) int64 on the queries' device.
-    Raises ConfigError for bad k or chunk sizes, DataError for bad shapes, dtypes, empty inputs
-    or rows with NaN/inf.
+    method: "torch" (the path above), "fused" (fklip.fused_topk: the matmul and the selection in
+        one Triton kernel, fp16/bf16 features read as they are; k <= 32), or "auto": fused for
+        CUDA queries when it applies, torch otherwise. Both give the same results from the same
+        float32 scores.
+    Raises ConfigError for bad k, chunk sizes or method (or "fused" where it cannot run),
+    DataError for bad shapes, dtypes, empty inputs or rows with NaN/inf.
     """
-    return _search(queries, gallery, k, query_chunk, gallery_chunk, progress, both_ways=False)[0]
+    return _search(queries, gallery, k, query_chunk, gallery_chunk, progress, False, method)[0]
 
 
 @torch.no_grad()
 def topk_both_ways(queries: Tensor, gallery: Gallery, k: int, *, query_chunk: int = 4096,
-                   gallery_chunk: int = 65536, progress: bool = False
+                   gallery_chunk: int = 65536, progress: bool = False, method: str = "auto"
                    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """Top-k in both directions from one matmul per score tile, e.g. text->image and image->text:
     ((values (Q, min(k, N)), indices) of each query's best gallery rows, (values (N, min(k, Q)),
@@ -276,19 +290,28 @@ def topk_both_ways(queries: Tensor, gallery: Gallery, k: int, *, query_chunk: in
     features); for random features it held with MKL on CPU (benchmarks/bench_retrieval.py checks).
 
     Arguments, dtypes, devices, memory and errors as `topk_chunked`, plus (N, min(k, Q)) int64
-    running keys for the gallery side.
+    running keys for the gallery side. The fused method runs its kernel once per direction.
     """
-    ab, ba = _search(queries, gallery, k, query_chunk, gallery_chunk, progress, both_ways=True)
+    ab, ba = _search(queries, gallery, k, query_chunk, gallery_chunk, progress, True, method)
     assert ba is not None  # both_ways=True always returns the second direction
     return ab, ba
 
 
 def _search(queries: Tensor, gallery: Gallery, k: int, query_chunk: int, gallery_chunk: int,
-            progress: bool, both_ways: bool) -> tuple[tuple[Tensor, Tensor],
-                                                      tuple[Tensor, Tensor] | None]:
+            progress: bool, both_ways: bool, method: str
+            ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
     """The loop behind `topk_chunked` and `topk_both_ways`: for each query tile, each gallery
     tile's scores are selected along rows and, when `both_ways`, along columns too."""
-    _check_inputs(queries, gallery, k, query_chunk, gallery_chunk)
+    _check_inputs(queries, gallery, k, query_chunk, gallery_chunk, method)
+    if method == "fused" or (method == "auto" and queries.device.type == "cuda"):
+        from fklip.fused_topk import search_fused, why_not_fused
+
+        why_not = why_not_fused(queries, gallery, k, gallery_chunk)
+        if why_not is None:
+            return search_fused(queries, gallery, k, query_chunk, gallery_chunk, progress, both_ways)
+        if method == "fused":
+            raise ConfigError(f"top-k: method 'fused' cannot run: {why_not}")
+        logger.debug("top-k: torch path, not the fused kernel: %s", why_not)
     n_query, n_gallery = queries.shape[0], gallery.shape[0]
     k_row, k_col = min(k, n_gallery), min(k, n_query)
     device = queries.device
