@@ -29,83 +29,41 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import logging
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+
+from engines.measure import (
+    Backend,
+    build_inputs,
+    make_exports,
+    measure,
+    open_clip_backend,
+    summary,
+    token_lengths,
+)
+from fklip.bench import environment
+from fklip.io import atomic_output
 
 BASELINE = "open_clip eager fp32"
 
 
-@dataclass
-class Backend:
-    """One engine and precision: its encode functions and what it measured."""
-
-    name: str
-    encode_images: Callable[[np.ndarray], np.ndarray]
-    encode_texts: Callable[[np.ndarray], np.ndarray]
-    full_warmup: bool = False  # torch.compile: specialises on each new shape
-    seconds: dict = field(default_factory=lambda: {"images": [], "texts": []})
-    other: dict = field(default_factory=lambda: {"images": [], "texts": []})
-    retaken: dict = field(default_factory=lambda: {"images": 0, "texts": 0})
-    emb: dict = field(default_factory=dict)  # modality -> (N, D) from the first round
-
-
-def build_inputs(image_size: int, tokenizer, n_images: int, n_texts: int, seed: int):
-    """(N, 3, S, S) CLIP-normalised demo garments and (M, context) int64 ids of demo captions."""
-    from fklip.data.archive import normalized_from_pixels
-    from fklip.data.demo import caption_and_phrases, sample_garment
-    from fklip.data.garments import draw_garment
-
-    rng = np.random.default_rng(seed)
-    pixels = np.stack([normalized_from_pixels(draw_garment(sample_garment(rng), image_size, rng)[0])
-                       for _ in range(n_images)])
-    captions = [caption_and_phrases(sample_garment(rng), rng)[0] for _ in range(n_texts)]
-    return pixels, tokenizer(captions).numpy(), captions
-
-
-def make_exports(ckpt: Path, tmp: Path, onnx_fp16: bool) -> tuple[dict[str, Path], dict]:
-    """{"fp32", "fp16", "int8", "int8-8bit"} export folders ("int8" is the fp32 folder, which holds
-    the --int8 graphs, when they passed their tolerance; "int8-8bit" holds onnxruntime's default
-    8-bit int8 weights for comparison), and what building them took."""
+def add_int8_8bit(folders: dict[str, Path], tmp: Path) -> None:
+    """A folder with the fp32 graphs (hard links) and onnxruntime's default 8-bit int8 weights as
+    the int8 pair, for comparison with the --int8 recipe (folders["int8-8bit"])."""
     from export.manifest import MANIFEST_NAME, file_entry
-    from export.onnx_export import ExportError
-    from export.pipeline import run_export
-    from export.quantize import TOWER_RECIPES, int8_cpu_from_onnx
-    from fklip.config import ExportConfig
+    from export.quantize import int8_cpu_from_onnx
 
-    folders, facts = {"fp32": tmp / "export"}, {}
-    started = time.perf_counter()
-    try:
-        manifest = run_export(ExportConfig(checkpoint=ckpt, out=folders["fp32"], int8=True))
-        facts["int8_parity"] = {t: manifest["int8"][t]["parity"]["random"] for t in ("image", "text")}
-    except ExportError as e:  # --int8 outside its tolerance: measured without it, and said so
-        facts["int8_export_error"] = str(e)
-        manifest = run_export(ExportConfig(checkpoint=ckpt, out=folders["fp32"], force=True))
-    facts["export_fp32_int8_s"] = round(time.perf_counter() - started, 1)
-    if onnx_fp16:
-        started = time.perf_counter()
-        folders["fp16"] = tmp / "export-fp16"
-        run_export(ExportConfig(checkpoint=ckpt, out=folders["fp16"], precision="fp16"))
-        facts["export_fp16_s"] = round(time.perf_counter() - started, 1)
-
-    # the fp32 graphs (hard links) with onnxruntime's default 8-bit int8 weights as the int8 pair
+    manifest = json.loads((folders["fp32"] / MANIFEST_NAME).read_text())
     cpu = folders["int8-8bit"] = tmp / "export-int8-8bit"
     cpu.mkdir()
-    has_int8 = manifest["int8"] is not None
     manifest["int8"] = dict(manifest["int8"] or {})
     for tower in ("image", "text"):
         os.link(folders["fp32"] / f"{tower}.onnx", cpu / f"{tower}.onnx")
@@ -113,108 +71,6 @@ def make_exports(ckpt: Path, tmp: Path, onnx_fp16: bool) -> tuple[dict[str, Path
         info = int8_cpu_from_onnx(folders["fp32"] / f"{tower}.onnx", dst, "int8-8bit")
         manifest["int8"][tower] = {**file_entry(dst), **info}
     (cpu / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-    facts["int8_recipes"] = dict(TOWER_RECIPES)
-    if has_int8:
-        folders["int8"] = folders["fp32"]
-    return folders, facts
-
-
-def machine_cpu_seconds() -> float:
-    """CPU seconds used by everything on the machine (busy and steal), from /proc/stat."""
-    try:
-        with open("/proc/stat", encoding="utf-8") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    except OSError:
-        return float("nan")
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def one_pass(encode: Callable, x: np.ndarray, batch: int) -> tuple[float, float, np.ndarray]:
-    """Wall seconds for all of `x` in batches, the share of the CPUs other processes used
-    meanwhile (0.5: one of two cores busy), and the (N, D) embeddings."""
-    machine, own, start = machine_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
-    parts = [encode(x[i:i + batch]) for i in range(0, len(x), batch)]
-    wall = time.perf_counter() - start
-    other = (machine_cpu_seconds() - machine) - (sum(os.times()[:2]) - own)
-    return wall, max(0.0, other / (wall * (os.cpu_count() or 1))), np.concatenate(parts)
-
-
-def measure(backends: list[Backend], inputs: dict[str, np.ndarray], batch: int, repeats: int,
-            max_other: float, retries: int, wait_s: float) -> None:
-    """Warm up, then `repeats` rounds of every backend in turn; fills each Backend's figures."""
-    for b in backends:
-        for modality, x in inputs.items():
-            fn = b.encode_images if modality == "images" else b.encode_texts
-            if b.full_warmup:
-                one_pass(fn, x, batch)
-            else:
-                fn(x[:batch])
-    for _ in range(repeats):
-        for modality, x in inputs.items():
-            for b in backends:
-                fn = b.encode_images if modality == "images" else b.encode_texts
-                for attempt in range(retries + 1):
-                    seconds, share, emb = one_pass(fn, x, batch)
-                    if share <= max_other or seconds < 1.0 or attempt == retries:
-                        break
-                    b.retaken[modality] += 1
-                    time.sleep(wait_s)
-                b.seconds[modality].append(seconds)
-                b.other[modality].append(share)
-                b.emb.setdefault(modality, emb)
-
-
-def cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    return (got.astype(np.float64) * ref).sum(1) / np.maximum(
-        np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
-
-
-def summary(backends: list[Backend], counts: dict[str, int]) -> dict:
-    """{backend: {images_per_s, images_x, images_min_cos, ..., texts_...}} against the baseline."""
-    base = backends[0]
-    out = {}
-    for b in backends:
-        row = {}
-        for modality, n in counts.items():
-            per_s = n / statistics.median(b.seconds[modality])
-            base_per_s = n / statistics.median(base.seconds[modality])
-            cos = cosines(b.emb[modality], base.emb[modality])
-            row.update({f"{modality}_per_s": round(per_s, 2), f"{modality}_x": round(per_s / base_per_s, 3),
-                        f"{modality}_min_cos": round(float(cos.min()), 6),
-                        f"{modality}_mean_cos": round(float(cos.mean()), 6),
-                        f"{modality}_s": [round(s, 3) for s in b.seconds[modality]],
-                        f"{modality}_other_cpu": round(max(b.other[modality]), 3),
-                        f"{modality}_retaken": b.retaken[modality]})
-        out[b.name] = row
-    return out
-
-
-def environment(threads: int) -> dict:
-    import onnx
-    import onnxruntime
-    import open_clip
-
-    cpu, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": threads,
-            "isa": sorted(f for f in flags if f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni",
-                                                   "avx_vnni", "avx512_bf16", "amx_bf16")),
-            "torch": str(torch.__version__), "torch_threads": torch.get_num_threads(),
-            "blas": "mkl" if torch.backends.mkl.is_available() else "other",
-            "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-            "open_clip": str(open_clip.__version__), "numpy": np.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]])}
 
 
 def main() -> None:
@@ -245,22 +101,19 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = build_model(spec)  # random weights, fp32, eval
     pixels, ids, _ = build_inputs(spec.image_size, build_tokenizer(spec), args.images, args.texts, args.seed)
-    lengths = ids.argmax(1) + 1  # (M,) positions up to each caption's end token
-
-    @torch.no_grad()
-    def eager_images(x: np.ndarray) -> np.ndarray:
-        return F.normalize(model.encode_image(torch.from_numpy(x)), dim=-1).numpy()
-
-    @torch.no_grad()
-    def eager_texts(x: np.ndarray) -> np.ndarray:
-        return F.normalize(model.encode_text(torch.from_numpy(x)), dim=-1).numpy()  # (B, 77)
+    tokens = token_lengths(ids)
 
     tmp = Path(tempfile.mkdtemp(prefix="fklip-bench-engines-"))
     try:
         ckpt = tmp / f"{args.model}.pt"
         save_checkpoint(ckpt, model, spec)
         setup_started = time.perf_counter()
-        folders, facts = make_exports(ckpt, tmp, not args.no_onnx_fp16)
+        folders, facts = make_exports(ckpt, tmp, ["fp32"] + ["fp16"] * (not args.no_onnx_fp16), int8=True,
+                                      batch=args.batch)
+        add_int8_8bit(folders, tmp)
+        from export.quantize import TOWER_RECIPES
+
+        facts["int8_recipes"] = dict(TOWER_RECIPES)
         configs = {f"torch {p}": RunnerConfig("torch", checkpoint=ckpt, precision=p, threads=args.threads)
                    for p in args.torch_precisions}
         if not args.no_compile:
@@ -276,7 +129,7 @@ def main() -> None:
                                                            int8=True, threads=args.threads)
         with contextlib.ExitStack() as stack:
             runners = {name: stack.enter_context(build_runner(cfg)) for name, cfg in configs.items()}
-            backends = [Backend(BASELINE, eager_images, eager_texts)]
+            backends = [open_clip_backend(model, name=BASELINE)]
             backends += [Backend(name, r.encode_images, r.encode_texts, full_warmup=configs[name].compile)
                          for name, r in runners.items()]
             inputs = {"images": pixels, "texts": ids}
@@ -288,10 +141,10 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     results = summary(backends, {"images": len(pixels), "texts": len(ids)})
-    env = environment(args.threads)
+    env = environment("cpu", args.threads, "python " + " ".join([sys.argv[0], *sys.argv[1:]]))
     print(f"{args.model}, random weights; {len(pixels)} demo images ({spec.image_size} px), "
-          f"{len(ids)} demo captions ({int(lengths.min())}-{int(lengths.max())} tokens, median "
-          f"{int(np.median(lengths))}); batch {args.batch}; {args.threads} threads; median of "
+          f"{len(ids)} demo captions ({tokens['min']}-{tokens['max']} tokens, median "
+          f"{tokens['median']:g}); batch {args.batch}; {args.threads} threads; median of "
           f"{args.repeats}; {env['cpu']} ({env['cpus']} CPUs)")
     print(f"{'backend':<30}{'img/s':>8}{'x':>7}{'min cos':>10}{'mean cos':>10}"
           f"{'text/s':>9}{'x':>7}{'min cos':>10}{'mean cos':>10}{'other':>7}{'retaken':>8}")
@@ -307,14 +160,14 @@ def main() -> None:
                key=lambda n: results[n]["images_x"], default=None)
     result = {"benchmark": "engines_cpu", "model": args.model, "weights": "random", "seed": args.seed,
               "n_images": len(pixels), "n_texts": len(ids), "image_size": spec.image_size,
-              "text_tokens": {"min": int(lengths.min()), "median": float(np.median(lengths)),
-                              "max": int(lengths.max())},
+              "text_tokens": tokens,
               "batch": args.batch, "repeats": args.repeats, "baseline": BASELINE,
               "best_images_min_cos_0_999": best, "results": results, **facts, **env}
     line = json.dumps(result)
     print(line)
     if args.json_out is not None:
-        args.json_out.write_text(line + "\n", encoding="utf-8")
+        with atomic_output(args.json_out) as tmp_out:
+            tmp_out.write_text(line + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fklip.bench import cpu_facts
 
 
 def make_files(folder: Path, n: int, dim: int, seed: int = 0) -> dict:
@@ -64,7 +65,7 @@ def original_algorithm(paths: dict, subset: int, top_k: int = 10) -> dict:
     parse_s = time.perf_counter() - t0
     per_query = {}
     for name, (q_name, g_name) in {"t2i": ("txt", "img"), "i2t": ("img", "txt")}.items():
-        q_ids, q = feats[q_name]
+        _, q = feats[q_name]
         g_ids, g = feats[g_name]
         scores = (q[:subset] @ g.T).tolist()  # the product, in one go (on the GPU in the original)
         t0 = time.perf_counter()
@@ -87,22 +88,13 @@ def fklip_predict(paths: dict, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32528)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--subset", type=int, default=300, help="queries per direction timed for the original")
     args = ap.parse_args()
+    cpu = cpu_facts()["cpu"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
@@ -119,7 +111,7 @@ def main() -> None:
             ("original: json.loads parsing", orig["parse_s"]),
             (f"original: tuple sorts, {args.subset} queries/direction x {args.n} extrapolated", orig_sort_s),
             ("original: total (estimate)", orig_total_s)]
-    print(f"{args.n} x {args.n} x {args.dim}, top-10 both ways, {torch.get_num_threads()} threads, {cpu_model()}")
+    print(f"{args.n} x {args.n} x {args.dim}, top-10 both ways, {torch.get_num_threads()} threads, {cpu}")
     for name, secs in rows:
         print(f"  {name:<72} {secs:9.1f} s")
     print(f"  speed-up of fklip predict over the original: {orig_total_s / fklip_s:.1f}x")
@@ -127,7 +119,7 @@ def main() -> None:
         "benchmark": "predict", "n": args.n, "dim": args.dim, "fklip_predict_s": fklip_s,
         "original_parse_s": orig["parse_s"], "original_sort_s_extrapolated": orig_sort_s,
         "original_total_s_estimate": orig_total_s, "speedup": orig_total_s / fklip_s,
-        "subset": args.subset, "scores": scores, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+        "subset": args.subset, "scores": scores, "threads": torch.get_num_threads(), "cpu": cpu,
         "torch": str(torch.__version__), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }))
 

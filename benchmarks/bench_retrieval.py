@@ -27,20 +27,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
-import time
-from typing import Callable
 
 import torch
 
+from fklip.bench import cpu_facts, features, measure_variants, plain_topk
 from fklip.retrieval import SCORE_TILE, tile_sizes, topk_both_ways, topk_chunked
-
-
-def features(n: int, dim: int, seed: int, device: torch.device) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device)
 
 
 def bare_full(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
@@ -61,27 +54,6 @@ def bare_tiled(a: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor) -> None:
                 torch.mm(query, rows.T, out=buffer[:len(query) * len(rows)].view(len(query), len(rows)))
 
 
-def plain_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The usual chunked top-k: topk per score chunk, concatenate with the running best, topk
-    again. No tie rule (topk's order among equal scores is arbitrary)."""
-    tile_q, tile_g = tile_sizes(len(queries), len(gallery))
-    out_values, out_indices = [], []
-    for q0 in range(0, len(queries), tile_q):
-        query = queries[q0:q0 + tile_q]
-        best_values = best_indices = None
-        for g0 in range(0, len(gallery), tile_g):
-            values, indices = torch.topk(query @ gallery[g0:g0 + tile_g].T, k, dim=1)
-            indices += g0
-            if best_values is not None:
-                values, indices = torch.cat([best_values, values], 1), torch.cat([best_indices, indices], 1)
-                values, pos = torch.topk(values, k, dim=1)
-                indices = indices.gather(1, pos)
-            best_values, best_indices = values, indices
-        out_values.append(best_values)
-        out_indices.append(best_indices)
-    return torch.cat(out_values), torch.cat(out_indices)
-
-
 def check(text: torch.Tensor, image: torch.Tensor, k: int) -> dict:
     """Exactness at the benchmark size: both-ways vs two calls (bitwise), and plain topk vs fklip
     (values bitwise; indices in rows without ties inside the top k + 1)."""
@@ -96,72 +68,6 @@ def check(text: torch.Tensor, image: torch.Tensor, k: int) -> dict:
         plain_index_rows_differ += int((plain_indices != indices).any(dim=1).sum())
     return {"both_ways_equals_two_calls": identical, "plain_topk_values_equal": plain_values_equal,
             "plain_topk_rows_with_other_indices": plain_index_rows_differ}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def machine_cpu_seconds() -> float:
-    """CPU seconds used by everything on the machine (busy and hypervisor steal), from
-    /proc/stat; NaN where there is none."""
-    try:
-        with open("/proc/stat", encoding="utf-8") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return float("nan")
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def timed(run: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """Wall seconds of one run, and the share of the machine's CPU that other processes (or the
-    hypervisor) used meanwhile: 0 on an idle machine, 0.5 when one of two cores was busy."""
-    sync(device)
-    machine, own, start = machine_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
-    run()
-    sync(device)
-    wall = time.perf_counter() - start
-    other = (machine_cpu_seconds() - machine) - (sum(os.times()[:2]) - own)
-    return wall, max(0.0, other / (wall * (os.cpu_count() or 1)))
-
-
-def measure(variants: dict[str, Callable[[], object]], repeats: int, device: torch.device,
-            max_other: float, retries: int, wait_s: float) -> tuple[dict, dict, dict]:
-    """Warm every variant up once, then `repeats` rounds of all variants in turn. A run during
-    which other processes took more than `max_other` of the CPUs is discarded and retaken after
-    `wait_s` (at most `retries` times; the last try is kept whatever the load; runs under a
-    second are never retaken, as /proc/stat counts in ticks of 10 ms).
-    Returns {name: [seconds]}, {name: [other processes' CPU share]}, {name: discarded runs}."""
-    for run in variants.values():
-        run()
-        sync(device)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    other: dict[str, list[float]] = {name: [] for name in variants}
-    discarded = {name: 0 for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
-            for attempt in range(retries + 1):
-                seconds, share = timed(run, device)
-                if share <= max_other or seconds < 1.0 or attempt == retries:
-                    break
-                discarded[name] += 1
-                time.sleep(wait_s)
-            times[name].append(seconds)
-            other[name].append(share)
-    return times, other, discarded
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -190,7 +96,7 @@ def main() -> None:
         "fklip topk_chunked x2": lambda: (topk_chunked(text, image, k), topk_chunked(image, text, k)),
         "plain torch topk x2": lambda: (plain_topk(text, image, k), plain_topk(image, text, k)),
     }
-    times, other, discarded = measure(variants, args.repeats, device, args.max_other, args.retries,
+    times, other, discarded = measure_variants(variants, args.repeats, device, args.max_other, args.retries,
                                       args.wait)
     median = {name: statistics.median(t) for name, t in times.items()}
     baseline_name = min(("bare, full products", "bare, tiled products"), key=median.__getitem__)
@@ -224,7 +130,7 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "blas": "mkl" if torch.backends.mkl.is_available() else "other",
         "device": args.device if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        **cpu_facts(), "python": platform.python_version(),
         "other_cpu_share": {keys[name]: [round(x, 3) for x in v] for name, v in other.items()},
         "retaken": {keys[name]: v for name, v in discarded.items()}, "max_other": args.max_other,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

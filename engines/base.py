@@ -64,6 +64,7 @@ class RunnerConfig:
     precision: str = "fp32"
     compile: bool = False  # torch: torch.compile
     cuda_graphs: bool = False  # torch on CUDA: replay captured graphs per batch shape
+    fused: bool = False  # torch: fklip's re-stated towers (SDPA attention), not open_clip's modules
     int8: bool = False  # onnx: the dynamically quantised graphs, when exported
     threads: int | None = None  # onnx: intra-op threads (None: the library's default)
 

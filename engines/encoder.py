@@ -27,7 +27,7 @@ class EngineEncoder:
             backend=enc.engine, checkpoint=enc.checkpoint if enc.engine == "torch" else None,
             engine_dir=enc.engine_dir, model=enc.model, truncation=enc.truncation,
             trust_checkpoint=enc.trust_checkpoint, device=device, precision=enc.precision, int8=enc.int8,
-            compile=enc.compile, cuda_graphs=enc.cuda_graphs))
+            compile=enc.compile, cuda_graphs=enc.cuda_graphs, fused=enc.fused))
 
     def __enter__(self) -> EngineEncoder:  # noqa: PYI034 (typing.Self is Python 3.11+)
         if self.enc.engine != "torch":
@@ -69,7 +69,8 @@ class EngineEncoder:
         info = {"engine": self.enc.engine, "model": r.model_name, "truncation": r.truncation,
                 "precision": getattr(r, "precision", self.enc.precision)}
         if self.enc.engine == "torch":
-            info.update(path=str(self.enc.checkpoint), compile=self.enc.compile, cuda_graphs=self.enc.cuda_graphs)
+            info.update(path=str(self.enc.checkpoint), compile=self.enc.compile, cuda_graphs=self.enc.cuda_graphs,
+                        fused=self.enc.fused)
         else:
             info.update(engine_dir=str(self.enc.engine_dir), int8=self.enc.int8,
                         path=str(self.enc.checkpoint) if self.enc.checkpoint else None)

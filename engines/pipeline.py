@@ -142,6 +142,15 @@ def encode_archive(runner: Runner, archive: ImageArchive, batch_size: int = 256,
 SORT_CHUNK_BATCHES = 64  # texts are grouped by length within chunks of this many batches
 
 
+def batches_by_length(ids: np.ndarray, batch_size: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows, ids) batches of token ids (C, L) ordered by end-token position (stable); rows are
+    offset by `start`."""
+    order = np.argsort(ids.argmax(axis=1), kind="stable")
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        yield start + rows, ids[rows]
+
+
 def _tokenize_batches(tokenizer, texts: Sequence[str], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(rows, ids) pairs: batches of captions of similar token length, with their input rows.
 
@@ -152,10 +161,24 @@ def _tokenize_batches(tokenizer, texts: Sequence[str], batch_size: int) -> Itera
     chunk = batch_size * SORT_CHUNK_BATCHES
     for start in range(0, len(texts), chunk):
         ids = tokenizer(list(texts[start:start + chunk])).numpy()  # (C, context) int64
-        order = np.argsort(ids.argmax(axis=1), kind="stable")  # by the end token's position
-        for b in range(0, len(order), batch_size):
-            rows = order[b:b + batch_size]
-            yield start + rows, ids[rows]
+        yield from batches_by_length(ids, batch_size, start)
+
+
+def _encode_batches(runner: Runner, batches: Iterable[tuple[np.ndarray, np.ndarray]], out: np.ndarray,
+                    desc: str, progress: bool) -> np.ndarray:
+    """Run (rows, ids) batches (read one ahead in the background) into `out`'s rows."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(out), desc=desc, unit="text", disable=not progress) as bar, \
+            in_background(batches) as ready:
+        for rows, ids in ready:
+            emb = runner.encode_texts(ids)  # (B, D)
+            if emb.shape != (len(rows), out.shape[1]):
+                raise RuntimeError(f"the runner returned features of shape {emb.shape} for {len(rows)} "
+                                   f"inputs; expected {(len(rows), out.shape[1])}")
+            out[rows] = emb
+            bar.update(len(rows))
+    return out
 
 
 def encode_texts(runner: Runner, tokenizer, texts: Sequence[str], batch_size: int = 256,
@@ -166,18 +189,16 @@ def encode_texts(runner: Runner, tokenizer, texts: Sequence[str], batch_size: in
     formed from captions of similar length (see `_tokenize_batches`); each row's features do not
     depend on the others in its batch, so only the speed changes.
     """
-    from tqdm import tqdm
-
     _check_batch_size(batch_size)
     check_tokenizer(runner, tokenizer)
     out = alloc_features(len(texts), runner.embed_dim, out)
-    with tqdm(total=len(texts), desc="encode texts", unit="text", disable=not progress) as bar, \
-            in_background(_tokenize_batches(tokenizer, texts, batch_size)) as ready:
-        for rows, ids in ready:
-            emb = runner.encode_texts(ids)  # (B, D)
-            if emb.shape != (len(rows), out.shape[1]):
-                raise RuntimeError(f"the runner returned features of shape {emb.shape} for {len(rows)} "
-                                   f"inputs; expected {(len(rows), out.shape[1])}")
-            out[rows] = emb
-            bar.update(len(rows))
-    return out
+    return _encode_batches(runner, _tokenize_batches(tokenizer, texts, batch_size), out, "encode texts", progress)
+
+
+def encode_ids(runner: Runner, ids: np.ndarray, batch_size: int = 256, out: np.ndarray | None = None,
+               progress: bool = False) -> np.ndarray:
+    """`encode_texts` for captions already tokenised: (N, L) ids -> (N, D) features, in order;
+    batches grouped by length over the whole array."""
+    _check_batch_size(batch_size)
+    out = alloc_features(len(ids), runner.embed_dim, out)
+    return _encode_batches(runner, batches_by_length(np.asarray(ids), batch_size), out, "encode ids", progress)

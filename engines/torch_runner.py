@@ -4,6 +4,12 @@ It computes what `fklip.encode` computes (uint8 pixels normalised on the device 
 `model_input_from_batch`, texts through `encode_text_trimmed`), so it is the oracle the other
 runners are compared with, and the baseline their speed is measured against.
 
+Fused towers (`fused=True`): the towers `fklip export` re-states (export.towers: one QKV
+projection, F.scaled_dot_product_attention, causal for the text tower, so CUDA runs flash
+attention; LayerNorm and the final normalisation in fp32) instead of open_clip's modules, with
+weights in the precision's dtype (fp32, fp16 or bf16). The same weights, so the same function up
+to rounding; tests compare them with the open_clip path.
+
 CUDA graphs (`cuda_graphs=True`, CUDA only): one graph per input shape, (B,) for images and
 (B, L) for texts (L rounded up to a multiple of 8 with padding, which a causal tower ignores),
 captured on first use after two warm-up runs and replayed with the batch copied into the
@@ -26,6 +32,7 @@ from fklip.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "amp", "bf16", "fp16")
+FUSED_PRECISIONS = ("fp32", "fp16", "bf16")
 WEIGHT_DTYPES = {"fp32": torch.float32, "amp": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAPH_WARMUP = 2
 GRAPH_LENGTH_BUCKET = 8  # CUDA graphs: text lengths rounded up to a multiple of this
@@ -82,10 +89,14 @@ class TorchRunner:
             raise ConfigError(f"--device {cfg.device}: only {torch.cuda.device_count()} CUDA devices")
         if cfg.cuda_graphs and kind != "cuda":
             raise ConfigError("--cuda-graphs needs a CUDA device (--device cuda)")
+        if cfg.fused and cfg.precision not in FUSED_PRECISIONS:
+            raise ConfigError(f"--fused runs weights in one dtype: --precision "
+                              f"{' or '.join(FUSED_PRECISIONS)}, got {cfg.precision!r}")
         self.cfg = cfg
         self.device = "cpu" if kind == "cpu" else f"cuda:{index}"
         self.precision = cfg.precision
-        self.model = None
+        self.model = self._towers = None
+        self._image_fn = self._text_fn = None
 
     # ---- resources
 
@@ -99,10 +110,17 @@ class TorchRunner:
         spec = ckpt.spec
         self.model_name, self.truncation = spec.name, spec.truncation
         self.embed_dim, self.image_size, self.context_length = spec.embed_dim, spec.image_size, spec.context_length
-        self.model = prepare_model(ckpt.model, self.device, self.precision)
-        self._vocab_size = self.model.token_embedding.num_embeddings
+        self._vocab_size = ckpt.model.token_embedding.num_embeddings
         self._dtype = WEIGHT_DTYPES[self.precision]
-        self._trim = _trimmable(self.model)
+        self._trim = _trimmable(ckpt.model)
+        self.model = self._towers = None
+        if cfg.fused:  # the towers take the checkpoint's own (fp32, CPU) weights, then move
+            from export.towers import build_towers
+
+            towers = build_towers(ckpt.model, self.precision, attention="sdpa")
+            self._towers = {name: t.to(self.device) for name, t in towers.items()}
+        else:
+            self.model = prepare_model(ckpt.model, self.device, self.precision)
         self._image_fn = self._with_autocast(self._image_emb)
         self._text_fn = self._with_autocast(self._text_emb)
         if cfg.compile:
@@ -115,12 +133,13 @@ class TorchRunner:
         if cfg.threads is not None:  # torch's thread count is global: restored on exit
             self._threads = torch.get_num_threads()
             torch.set_num_threads(cfg.threads)
-        logger.info("torch runner: %s on %s, precision %s, compile %s, CUDA graphs %s",
-                    self.model_name, self.device, self.precision, cfg.compile, cfg.cuda_graphs)
+        logger.info("torch runner: %s on %s, precision %s, fused %s, compile %s, CUDA graphs %s",
+                    self.model_name, self.device, self.precision, cfg.fused, cfg.compile,
+                    cfg.cuda_graphs)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.model = None
+        self.model = self._towers = None
         self._graphs = {}
         self._pool = None
         self._image_fn = self._text_fn = None
@@ -130,7 +149,7 @@ class TorchRunner:
             torch.cuda.empty_cache()
 
     def _require_entered(self) -> None:
-        if self.model is None:
+        if self._image_fn is None:
             raise RuntimeError("enter the runner first: `with build_runner(cfg) as runner: ...`")
 
     # ---- the functions that run (and are compiled or captured)
@@ -149,9 +168,13 @@ class TorchRunner:
         return run
 
     def _image_emb(self, x: torch.Tensor) -> torch.Tensor:
+        if self._towers is not None:
+            return self._towers["image"].embed(x)  # (B, D), normalised in fp32
         return F.normalize(self.model.encode_image(x).float(), dim=-1)  # (B, D)
 
     def _text_emb(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._towers is not None:
+            return self._towers["text"](tokens)  # (B, D); cut or full, the tower is causal
         if self._trim:
             return F.normalize(_text_emb_cut(self.model, tokens).float(), dim=-1)  # (B, D)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)

@@ -27,6 +27,7 @@ from fklip.data.archive import CLIP_MEAN, CLIP_STD
 from fklip.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ATTENTIONS = ("explicit", "sdpa")
 # A finite stand-in for -inf in the causal mask: exp() of it underflows to exactly 0 in fp32,
 # like -inf, without relying on every runtime's handling of infinities.
 MASK_VALUE = -1e9
@@ -48,10 +49,18 @@ class Fp32LayerNorm(nn.Module):
 
 
 class ExportAttention(nn.Module):
-    """nn.MultiheadAttention (batch first, self-attention) with the softmax in fp32."""
+    """nn.MultiheadAttention (batch first, self-attention) with the softmax in fp32.
 
-    def __init__(self, mha: nn.MultiheadAttention):
+    attention="explicit" writes the attention out (for ONNX: an explicit mask Add, an fp32
+    softmax); "sdpa" calls F.scaled_dot_product_attention (fused flash or memory-efficient kernels
+    on CUDA, which keep the softmax in fp32 internally), causal where a mask is given: the torch
+    engine's `--fused` towers."""
+
+    def __init__(self, mha: nn.MultiheadAttention, attention: str = "explicit"):
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ConfigError(f"attention: expected one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        self.sdpa = attention == "sdpa"
         if not mha.batch_first or not mha._qkv_same_embed_dim or mha.in_proj_bias is None:
             raise ConfigError("export: only batch-first self-attention with biases is supported")
         self.heads = mha.num_heads
@@ -64,6 +73,9 @@ class ExportAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         qkv = self.in_proj(x).unflatten(-1, (3, self.heads, self.head_dim))  # (B, L, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
+        if self.sdpa:  # a mask here is always the causal one (TextTower)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=mask is not None)  # (B, H, L, Dh)
+            return self.out_proj(out.transpose(1, 2).flatten(2))
         scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, L)
         scores = scores.float()
         if mask is not None:
@@ -76,12 +88,12 @@ class ExportAttention(nn.Module):
 class ExportBlock(nn.Module):
     """open_clip's ResidualAttentionBlock (pre-norm attention and MLP, optional LayerScale)."""
 
-    def __init__(self, block):
+    def __init__(self, block, attention: str = "explicit"):
         super().__init__()
         if hasattr(block, "ln_1_kv"):
             raise ConfigError("export: cross-attention blocks are not supported")
         self.ln_1 = Fp32LayerNorm(block.ln_1)
-        self.attn = ExportAttention(block.attn)
+        self.attn = ExportAttention(block.attn, attention)
         self.ls_1 = copy.deepcopy(block.ls_1)
         self.ln_2 = Fp32LayerNorm(block.ln_2)
         self.mlp = copy.deepcopy(block.mlp)
@@ -92,7 +104,7 @@ class ExportBlock(nn.Module):
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
-def _blocks(transformer) -> nn.ModuleList:
+def _blocks(transformer, attention: str) -> nn.ModuleList:
     from open_clip.transformer import ResidualAttentionBlock
 
     if not transformer.batch_first:
@@ -100,7 +112,7 @@ def _blocks(transformer) -> nn.ModuleList:
     for block in transformer.resblocks:
         if type(block) is not ResidualAttentionBlock:
             raise ConfigError(f"export: unsupported block type {type(block).__name__}")
-    return nn.ModuleList(ExportBlock(b) for b in transformer.resblocks)
+    return nn.ModuleList(ExportBlock(b, attention) for b in transformer.resblocks)
 
 
 def _normalized(emb: torch.Tensor) -> torch.Tensor:
@@ -111,7 +123,8 @@ def _normalized(emb: torch.Tensor) -> torch.Tensor:
 class ImageTower(nn.Module):
     """Pixels -> L2-normalised image embedding (B, D) float32 (open_clip's VisionTransformer)."""
 
-    def __init__(self, visual, precision: str = "fp32", uint8_input: bool = False):
+    def __init__(self, visual, precision: str = "fp32", uint8_input: bool = False,
+                 attention: str = "explicit"):
         super().__init__()
         from open_clip.transformer import VisionTransformer
 
@@ -130,7 +143,7 @@ class ImageTower(nn.Module):
         self.class_embedding = nn.Parameter(visual.class_embedding.detach().clone())
         self.positional_embedding = nn.Parameter(visual.positional_embedding.detach().clone())
         self.ln_pre = Fp32LayerNorm(visual.ln_pre) if isinstance(visual.ln_pre, nn.LayerNorm) else nn.Identity()
-        self.blocks = _blocks(visual.transformer)
+        self.blocks = _blocks(visual.transformer, attention)
         self.ln_post = Fp32LayerNorm(visual.ln_post)
         self.proj = nn.Parameter(visual.proj.detach().clone()) if visual.proj is not None else None
         # uint8 pixels: x / 255 then (x - mean) / std, folded into x * scale + shift (fp32)
@@ -139,14 +152,18 @@ class ImageTower(nn.Module):
         self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("pixel_shift", -mean / std, persistent=False)
         _cast_except_layernorm(self, self.dtype)
-        self.conv_dtype = torch.float32 if precision == "bf16" else self.dtype
+        # ONNX Conv has no bfloat16 before opset 22: the exported patch embedding runs in fp32
+        self.conv_dtype = torch.float32 if precision == "bf16" and attention == "explicit" else self.dtype
         self.conv1.to(self.conv_dtype)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.uint8_input:
             # (B, H, W, 3) uint8 -> (B, 3, H, W) normalised fp32
             pixels = pixels.permute(0, 3, 1, 2).float() * self.pixel_scale + self.pixel_shift
-        # the patch embedding runs in fp32 under bf16: ONNX Conv has no bfloat16 before opset 22
+        return self.embed(pixels)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised (B, 3, H, W) pixels -> L2-normalised (B, D) float32."""
         x = self.conv1(pixels.to(self.conv_dtype)).to(self.dtype)  # (B, W, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
         cls = self.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1)
@@ -169,7 +186,7 @@ class ImageTower(nn.Module):
 class TextTower(nn.Module):
     """Token ids (B, L) -> L2-normalised text embedding (B, D) float32 (open_clip's CLIP text)."""
 
-    def __init__(self, model, precision: str = "fp32"):
+    def __init__(self, model, precision: str = "fp32", attention: str = "explicit"):
         super().__init__()
         from open_clip.model import CLIP
 
@@ -181,7 +198,7 @@ class TextTower(nn.Module):
         self.dtype = DTYPES[precision]
         self.token_embedding = copy.deepcopy(model.token_embedding)
         self.positional_embedding = nn.Parameter(model.positional_embedding.detach().clone())
-        self.blocks = _blocks(model.transformer)
+        self.blocks = _blocks(model.transformer, attention)
         self.ln_final = Fp32LayerNorm(model.ln_final)
         proj = model.text_projection
         if isinstance(proj, nn.Linear):
@@ -216,10 +233,12 @@ def _cast_except_layernorm(module: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def build_towers(model, precision: str = "fp32", uint8_input: bool = False) -> dict[str, nn.Module]:
+def build_towers(model, precision: str = "fp32", uint8_input: bool = False,
+                 attention: str = "explicit") -> dict[str, nn.Module]:
     """{"image": ImageTower, "text": TextTower} in eval mode on the CPU."""
     if precision not in DTYPES:
         raise ConfigError(f"--precision: expected one of {', '.join(DTYPES)}, got {precision!r}")
     model = model.float().cpu().eval()
-    towers = {"image": ImageTower(model.visual, precision, uint8_input), "text": TextTower(model, precision)}
+    towers = {"image": ImageTower(model.visual, precision, uint8_input, attention),
+              "text": TextTower(model, precision, attention)}
     return {name: tower.eval() for name, tower in towers.items()}

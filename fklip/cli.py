@@ -13,12 +13,11 @@ from pathlib import Path
 import click
 
 from fklip import __version__
+from fklip.cli_engines import bench, export
 from fklip.errors import FklipError, NotAvailableError
 
 # Commands that later releases fill in: name -> (what it will do, the issue that tracks it).
-PENDING = {
-    "bench": ("throughput benchmarks against open_clip", 6),
-}
+PENDING: dict[str, tuple[str, int]] = {}
 
 
 class FklipGroup(click.Group):
@@ -130,6 +129,9 @@ def _encode_options(f):
         click.option("--int8", is_flag=True, help="--engine onnx: run the export's int8 graphs."),
         click.option("--compile", "compile_", is_flag=True, help="--engine torch: torch.compile the towers."),
         click.option("--cuda-graphs", is_flag=True, help="--engine torch on CUDA: replay captured CUDA graphs."),
+        click.option("--fused", is_flag=True,
+                     help="--engine torch: fklip's towers (one QKV matmul, SDPA/flash attention, fp32 "
+                          "LayerNorm) with weights in --precision fp32, fp16 or bf16."),
         click.option("--model", default=None,
                      help="Architecture for checkpoints that do not record one (see `fklip data models`)."),
         click.option("--img-batch-size", "image_batch_size", type=int, default=256, show_default=True),
@@ -147,7 +149,7 @@ def _encode_options(f):
     return f
 
 
-def _encode_config(checkpoint, engine, engine_dir, int8, compile_, cuda_graphs, model, image_batch_size,
+def _encode_config(checkpoint, engine, engine_dir, int8, compile_, cuda_graphs, fused, model, image_batch_size,
                    text_batch_size, device, precision, truncation, trust_checkpoint):
     from fklip.config import EncodeConfig
 
@@ -155,7 +157,7 @@ def _encode_config(checkpoint, engine, engine_dir, int8, compile_, cuda_graphs, 
                         truncation=truncation, device=device, precision=precision,
                         image_batch_size=image_batch_size, text_batch_size=text_batch_size,
                         engine=engine, engine_dir=engine_dir, int8=int8, compile=compile_,
-                        cuda_graphs=cuda_graphs)
+                        cuda_graphs=cuda_graphs, fused=fused)
 
 
 def _make_encoder():
@@ -284,60 +286,6 @@ def eval_command(image_data, text_data, image_standard_path, output_dir, save_fe
                    f"total {t['total']:.1f}s; wrote {output_dir}")
 
 
-# ---------------------------------------------------------------- export
-
-
-@cli.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Export folder: image.onnx, text.onnx, manifest.json (and int8 graphs, engines).")
-@click.option("--onnx", "onnx_", is_flag=True, help="ONNX graphs (always written; the default).")
-@click.option("--trt", is_flag=True, help="Also TensorRT engines (needs the trt extra and a CUDA GPU).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Compute precision written into the graphs; LayerNorm, softmax and the output norm stay fp32.")
-@click.option("--opt-batch", type=int, default=64, show_default=True, help="TensorRT profile: the batch to tune for.")
-@click.option("--max-batch", type=int, default=256, show_default=True,
-              help="TensorRT profile: the largest batch (runners split larger ones).")
-@click.option("--int8", is_flag=True, help="Also onnxruntime dynamic-int8 graphs for CPU serving (fp32 only).")
-@click.option("--uint8-input", is_flag=True, help="The image graph takes uint8 (B, H, W, 3) pixels.")
-@click.option("--ids-dtype", type=click.Choice(["int32", "int64"]), default="int32", show_default=True,
-              help="Dtype of the text graph's token ids (runners accept either).")
-@click.option("--parity-images", type=click.Path(path_type=Path),
-              help="Image archive (.npz) whose first --parity-samples images join the parity check.")
-@click.option("--parity-texts", type=click.Path(path_type=Path),
-              help="Queries (JSON lines) whose first --parity-samples captions join the parity check.")
-@click.option("--parity-samples", type=int, default=64, show_default=True)
-@click.option("--model", default=None, help="Architecture for checkpoints that do not record one.")
-@click.option("--truncation", type=click.Choice(["original", "openai"]), default=None,
-              help="Override the checkpoint's tokenizer truncation (recorded in the manifest).")
-@click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that hold Python objects beyond tensors.")
-@click.option("--force", is_flag=True, help="Replace an earlier export in --out.")
-def export(checkpoint, out, onnx_, trt, precision, opt_batch, max_batch, int8, uint8_input, ids_dtype,
-           parity_images, parity_texts, parity_samples, model, truncation, trust_checkpoint, force) -> None:
-    """Export a checkpoint's towers to ONNX (and TensorRT), each checked against PyTorch.
-
-    A failed check leaves nothing behind; manifest.json records files, hashes, IO, the tolerances
-    met and the figures measured.
-    """
-    from export.pipeline import run_export
-    from fklip.config import ExportConfig
-
-    cfg = ExportConfig(checkpoint=checkpoint, out=out, model=model, truncation=truncation,
-                       trust_checkpoint=trust_checkpoint, trt=trt, precision=precision, opt_batch=opt_batch,
-                       max_batch=max_batch, int8=int8, uint8_input=uint8_input, ids_dtype=ids_dtype,
-                       parity_images=parity_images, parity_texts=parity_texts,
-                       parity_samples=parity_samples, force=force)
-    manifest = run_export(cfg)
-    sections = [("onnx", manifest["towers"])] + [(k, manifest[k]) for k in ("int8", "trt") if manifest[k]]
-    for kind, entries in sections:
-        for tower in ("image", "text"):
-            p = entries[tower]["parity"]
-            checks = ", ".join(f"{k} min cos {v['min_cosine']:.6f} max abs {v['max_abs']:.2g} ({v['samples']})"
-                               for k, v in p.items() if k in ("random", "real"))
-            click.echo(f"{kind:<4} {tower:<5} {entries[tower]['file']}: {checks}")
-    click.echo(f"wrote {out} ({precision}); manifest {out / 'manifest.json'}")
-
-
 # ---------------------------------------------------------------- train
 
 
@@ -439,6 +387,10 @@ def demo(out: Path, seed: int, device: str, batch_size: int, epochs: int) -> Non
     cfg = DemoConfig(out=out, seed=seed, device=device, batch_size=batch_size, epochs=epochs)
     rows = run_demo(cfg, run_export, _make_encoder())
     click.echo(format_table(rows))
+
+
+cli.add_command(export)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -92,6 +92,7 @@ class EncodeConfig:
     int8: bool = False  # onnx: the export's int8 graphs
     compile: bool = False  # torch: torch.compile the towers
     cuda_graphs: bool = False  # torch on CUDA: replay captured CUDA graphs
+    fused: bool = False  # torch: fklip's re-stated towers (SDPA attention), weights in one dtype
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
@@ -105,9 +106,11 @@ class EncodeConfig:
                 raise ConfigError("--int8 selects the int8 graphs of an export; use it with --engine onnx")
             if self.cuda_graphs and not self.device.startswith("cuda"):
                 raise ConfigError("--cuda-graphs needs --device cuda")
+            if self.fused and self.precision == "amp":
+                raise ConfigError("--fused runs weights in one dtype: --precision fp32, fp16 or bf16, not amp")
         else:
-            if self.compile or self.cuda_graphs:
-                flag = "--compile" if self.compile else "--cuda-graphs"
+            if self.compile or self.cuda_graphs or self.fused:
+                flag = "--compile" if self.compile else "--cuda-graphs" if self.cuda_graphs else "--fused"
                 raise ConfigError(f"{flag} applies to --engine torch; the {self.engine} engine runs the export")
             if self.engine_dir is None:
                 raise ConfigError(f"--engine {self.engine} needs --engine-dir, a folder written by `fklip export`")
@@ -341,3 +344,103 @@ class ExportConfig:
             raise ConfigError(f"--opt-batch {self.opt_batch} is larger than --max-batch {self.max_batch}")
         if self.int8 and self.precision != "fp32":
             raise ConfigError("--int8 quantises the fp32 graphs for CPU serving; use it with --precision fp32")
+
+
+BENCH_PRECISIONS = ("fp32", "amp", "fp16", "bf16", "int8")
+# device kind -> defaults of `fklip bench`: a couple of minutes on 2 CPU cores for ViT-B-32; the
+# issue's sizes on one GPU (batch 1024, top-k of 8,192 queries against 1,000,000 fp16 vectors)
+BENCH_DEFAULTS = {
+    "cpu": {"batch": 32, "images": 64, "texts": 128, "topk_queries": 2048, "topk_gallery": 65536,
+            "precisions": ("fp32", "int8")},
+    "cuda": {"batch": 1024, "images": 8192, "texts": 16384, "topk_queries": 8192, "topk_gallery": 1_000_000,
+             "precisions": ("fp32", "amp", "fp16", "bf16")},
+}
+
+
+def bench_combo_problem(engine: str, precision: str, device: str) -> str | None:
+    """Why `fklip bench` cannot run `engine` at `precision` on `device` (None: it can)."""
+    cuda = device.startswith("cuda")
+    if precision == "int8":
+        if engine != "onnx":
+            return "int8 is onnx-only (onnxruntime's dynamic-int8 graphs, `fklip export --int8`)"
+        return "int8 graphs are for onnxruntime's CPU provider; use --device cpu" if cuda else None
+    if precision == "amp" and engine != "torch":
+        return "amp is torch autocast; the onnx and trt engines run the precision written at export"
+    if precision == "fp16" and engine == "torch" and not cuda:
+        return "fp16 weights need a CUDA device on the torch engine"
+    if precision == "bf16" and engine == "onnx":
+        return "onnxruntime has no bf16 kernels for these graphs; use the torch or trt engine"
+    if engine == "trt" and not cuda:
+        return "TensorRT runs on a CUDA device; use --device cuda"
+    return None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """`fklip bench`: what to measure against open_clip. None and () mean the device's defaults
+    (BENCH_DEFAULTS); `engines` () means every engine that can run here."""
+
+    device: str = "cpu"
+    model: str | None = None  # random weights of this architecture, or a checkpoint's (default ViT-B-32)
+    checkpoint: Path | None = None
+    trust_checkpoint: bool = False
+    engines: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ()
+    batch: int | None = None
+    images: int | None = None
+    texts: int | None = None
+    repeats: int = 3
+    threads: int | None = None
+    topk_queries: int | None = None
+    topk_gallery: int | None = None
+    k: int = 10
+    seed: int = 0
+    json_out: Path | None = None
+    # the torch engine's options (None: on for CUDA, off on the CPU); fused does not apply to amp
+    fused: bool | None = None
+    cuda_graphs: bool | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+        cuda = self.device.startswith("cuda")
+        for name in ("fused", "cuda_graphs"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, cuda)
+        defaults = BENCH_DEFAULTS["cuda" if cuda else "cpu"]
+        for name in ("batch", "images", "texts", "topk_queries", "topk_gallery", "precisions"):
+            if getattr(self, name) in (None, ()):
+                object.__setattr__(self, name, defaults[name])
+        problems = []
+        for name, flag in (("batch", "--batch"), ("images", "--images"), ("texts", "--texts"),
+                           ("repeats", "--repeats"), ("topk_queries", "--topk-queries"),
+                           ("topk_gallery", "--topk-gallery"), ("k", "--k")):
+            if getattr(self, name) < 1:
+                problems.append(f"{flag}: expected a positive integer, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"--threads: expected a positive integer, got {self.threads}")
+        if self.seed < 0:
+            problems.append(f"--seed: expected a non-negative integer, got {self.seed}")
+        if self.cuda_graphs and not cuda:
+            problems.append("--cuda-graphs needs --device cuda")
+        if self.k > self.topk_gallery:
+            problems.append(f"--k {self.k} is larger than --topk-gallery {self.topk_gallery}")
+        problems += [f"--engine: expected one of {', '.join(ENGINES)}, got {e!r}" for e in self.engines
+                     if e not in ENGINES]
+        problems += [f"--precision: expected one of {', '.join(BENCH_PRECISIONS)}, got {p!r}"
+                     for p in self.precisions if p not in BENCH_PRECISIONS]
+        if not problems and self.engines:  # every pair the flags ask for cannot run: say why
+            runnable = [(e, p) for e in self.engines for p in self.precisions
+                        if bench_combo_problem(e, p, self.device) is None]
+            if not runnable:
+                why = "; ".join(sorted({f"{e} {p}: {bench_combo_problem(e, p, self.device)}"
+                                        for e in self.engines for p in self.precisions}))
+                problems.append(f"--engine {' '.join(self.engines)} with --precision "
+                                f"{' '.join(self.precisions)} on {self.device} measures nothing: {why}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def model_name(self) -> str | None:
+        """The architecture: --model, else ViT-B-32 for random weights (a checkpoint names its own)."""
+        return self.model if self.model is not None or self.checkpoint is not None else "ViT-B-32"

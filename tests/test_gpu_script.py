@@ -1,4 +1,4 @@
-"""benchmarks/gpu.sh and gpu_checks.py cannot run in CI (no GPU); their plumbing can."""
+"""benchmarks/gpu.sh, gpu_checks.py and gpu_bench.py cannot run in CI (no GPU); their plumbing can."""
 
 import json
 import subprocess
@@ -27,3 +27,21 @@ def test_gpu_checks_refuse_cuda_without_a_gpu():
 
 def test_gpu_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=False).returncode == 0
+
+
+def test_gpu_bench_dry_run_on_cpu():
+    """Every section of gpu_bench.py at tiny sizes on the CPU (the Triton kernel interpreted)."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--device", "cpu", "--small",
+                        "--model", "fklip-tiny"], capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all("error" not in report[s] for s in ("image", "text", "topk", "eval", "train"))
+    assert all(row["min_cos"] >= 0.99999 for row in report["image"]["rows"].values())
+    for kind in ("captions", "concept prompts"):
+        assert report["text"][kind]["cut_vs_full"]["max_abs_diff"] < 1e-5
+        assert all(row["min_cos"] >= 0.99999 for row in report["text"][kind]["rows"].values())
+    assert report["topk"]["grid_equal_reference"] == {"fused": True, "torch": True}
+    rows = report["eval"]["rows"]
+    assert all(row["rc"] == 0 for row in rows.values())
+    assert len({row["mean_recall"] for row in rows.values()}) == 1  # --fused ranks as the default
+    assert report["train"]["refresh"]["kb_images"] == 32 and report["train"]["steps"]["concept"]["batches"] >= 1

@@ -41,6 +41,17 @@ def test_eval_through_onnx_equals_torch(small_demo, tiny_checkpoint, export_dir,
     assert metrics["checkpoint"]["engine_dir"] == str(export_dir)
 
 
+def test_eval_with_fused_towers(small_demo, tiny_checkpoint, tmp_path):
+    """--fused (export.towers with SDPA attention) ranks as the open_clip modules do."""
+    plain = _eval(small_demo, tmp_path / "plain", "--resume", tiny_checkpoint)
+    fused = _eval(small_demo, tmp_path / "fused", "--resume", tiny_checkpoint, "--fused")
+    for result in (plain, fused):
+        assert result.exit_code == 0, result.output
+    for name in ("test_txts_predictions.jsonl", "test_imgs_predictions.jsonl", "fashion_text_output.json"):
+        assert (tmp_path / "plain" / name).read_text() == (tmp_path / "fused" / name).read_text()
+    assert json.loads((tmp_path / "fused" / "metrics.json").read_text())["checkpoint"]["fused"] is True
+
+
 def test_extract_through_onnx_and_int8(small_demo, tiny_checkpoint, export_dir, tmp_path):
     from fklip.features import read_features
 
@@ -73,6 +84,8 @@ def test_extract_through_onnx_and_int8(small_demo, tiny_checkpoint, export_dir, 
     (["--engine", "onnx", "--engine-dir", "EXPORT", "--precision", "bf16"], "--precision applies to --engine torch"),
     (["--engine", "onnx", "--engine-dir", "EXPORT", "--compile"], "--compile applies to --engine torch"),
     (["--resume", "CKPT", "--int8"], "--int8"),
+    (["--resume", "CKPT", "--fused", "--precision", "amp"], "--fused runs weights in one dtype"),
+    (["--engine", "onnx", "--engine-dir", "EXPORT", "--fused"], "--fused applies to --engine torch"),
     (["--engine", "onnx", "--engine-dir", "EXPORT", "--truncation", "openai"], "--truncation openai"),
     (["--engine", "onnx", "--engine-dir", "EXPORT", "--resume", "OTHER"], "is not the checkpoint"),
     (["--engine", "onnx", "--engine-dir", "NOWHERE"], "NOWHERE"),

@@ -282,6 +282,7 @@ def test_pipeline_order_and_out(batch_size, tiny_spec, tiny_archives, tmp_path):
     texts, tokenizer = _texts(30), Tokenizer("original", 77)
     got = pipeline.encode_texts(runner, tokenizer, texts, batch_size)
     assert np.array_equal(got, runner.encode_texts(tokenizer(texts).numpy()))
+    assert np.array_equal(pipeline.encode_ids(runner, tokenizer(texts).numpy(), batch_size), got)
     assert pipeline.encode_texts(runner, tokenizer, [], batch_size).shape == (0, 4)
 
 
@@ -492,6 +493,30 @@ def test_manifest_errors(export_copy, tmp_path):
         read_manifest(export_copy)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_towers_match_the_plain_path(precision, tiny_checkpoint, tiny_archives, reference):
+    """--fused: export.towers with SDPA attention against open_clip's modules in fp32."""
+    from fklip.data.archive import ImageArchive
+
+    tol = ({"min_cosine": 0.99999, "max_abs": 1e-5} if precision == "fp32"
+           else {"min_cosine": 0.999, "max_abs": 2e-2})
+    cfg = RunnerConfig("torch", checkpoint=tiny_checkpoint, fused=True, precision=precision)
+    with build_runner(cfg) as runner:
+        assert runner.model is None and set(runner._towers) == {"image", "text"}
+        for encoding in ("uint8_hwc", "float32_chw"):
+            with ImageArchive(tiny_archives[encoding]) as archive:
+                for batch_size in (7, 64):
+                    assert_within(pipeline.encode_archive(runner, archive, batch_size), reference[encoding], tol)
+        for batch_size in (7, 64):  # captions cut at each batch's last end token, and one at 77
+            got = pipeline.encode_texts(runner, tokenizer_for(runner), _texts(N_IMAGES), batch_size)
+            assert_within(got, reference["texts"], tol)
+
+
+def test_fused_towers_take_one_weight_dtype(tiny_checkpoint):
+    with pytest.raises(ConfigError, match="--fused runs weights in one dtype: --precision fp32 or fp16 or bf16"):
+        build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, fused=True, precision="amp"))
+
+
 # ---- torch.compile (CPU: about a minute of compiling on two cores), GPU: CUDA graphs, pinned memory
 
 
@@ -510,7 +535,9 @@ def test_torch_compile_matches_eager(tiny_checkpoint, tiny_archives, reference):
 
 
 @needs_cuda
-@pytest.mark.parametrize("options", [{"cuda_graphs": True}, {"compile": True}, {"precision": "amp", "cuda_graphs": True}])
+@pytest.mark.parametrize("options", [{"cuda_graphs": True}, {"compile": True}, {"precision": "amp", "cuda_graphs": True},
+                                     {"fused": True, "precision": "fp16", "cuda_graphs": True},
+                                     {"fused": True, "precision": "bf16", "compile": True}])
 def test_torch_cuda_matches_the_plain_path_on_cuda(options, tiny_checkpoint, tiny_archives):
     from fklip.data.archive import ImageArchive
     from fklip.encode import encode_archive, encode_texts, prepare_model
@@ -518,16 +545,17 @@ def test_torch_cuda_matches_the_plain_path_on_cuda(options, tiny_checkpoint, tin
 
     ckpt = load_checkpoint(tiny_checkpoint)
     precision = options.get("precision", "fp32")
-    model = prepare_model(ckpt.model, "cuda", precision)
+    ref_precision = "fp32" if options.get("fused") else precision  # fused: against open_clip in fp32
+    model = prepare_model(ckpt.model, "cuda", ref_precision)
     tol = {"min_cosine": 0.99999, "max_abs": 1e-4} if precision == "fp32" else {"min_cosine": 0.999, "max_abs": 2e-2}
     texts = _texts(N_IMAGES)
     with build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, device="cuda", **options)) as runner:
         for encoding in ("uint8_hwc", "float32_chw"):
             with ImageArchive(tiny_archives[encoding]) as archive:
-                ref = encode_archive(model, archive, 256, "cuda", precision=precision)
+                ref = encode_archive(model, archive, 256, "cuda", precision=ref_precision)
                 for batch_size in BATCH_SIZES:
                     assert_within(pipeline.encode_archive(runner, archive, batch_size), ref, tol)
-        ref = encode_texts(model, build_tokenizer(ckpt.spec), texts, 256, "cuda", precision=precision)
+        ref = encode_texts(model, build_tokenizer(ckpt.spec), texts, 256, "cuda", precision=ref_precision)
         for batch_size in (7, 64):
             assert_within(pipeline.encode_texts(runner, tokenizer_for(runner), texts, batch_size), ref, tol)
         if options.get("cuda_graphs"):
