@@ -5,7 +5,7 @@
 # Once, on the dev machine, in the repo root (the wheels are git-ignored through .git/info/exclude):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13
+#       --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13 click tqdm
 # then run it with the device tool: command "bash benchmarks/gpu.sh", carry [".whl"].
 #
 # It runs the CUDA tests that skip in CI (exact top-k on CUDA and the fused Triton kernel, the

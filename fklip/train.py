@@ -37,6 +37,11 @@ class Knowledge:
     kb_emb: torch.Tensor                 # (M, D) float32, L2-normalised
     retrieved: dict[str, torch.Tensor]   # kind -> (C, 10) int64 rows into kb_emb, -1 padding
 
+    def to(self, device: str | torch.device) -> Knowledge:
+        """The same knowledge on `device`: on the training device, each step's prototype gather
+        (B, S, 10, D) runs there instead of on the host and crossing the bus every step."""
+        return Knowledge(self.kb_emb.to(device), {k: v.to(device) for k, v in self.retrieved.items()})
+
 
 def run_train(cfg: TrainConfig, stop_after: int | None = None) -> dict | None:
     """Train; rank 0 returns a summary. `stop_after` ends this invocation after that many epochs."""
@@ -95,7 +100,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
         from fklip.knowledge import RowLookup
 
         vocabs, tables, kb_archives = _load_knowledge_inputs(cfg, queries, spec)
-        lookups = {kind: RowLookup(vocab.rows) for kind, (vocab, _) in vocabs.items()}
+        lookups = {kind: RowLookup(vocab.rows, device) for kind, (vocab, _) in vocabs.items()}
     train_set = TrainSet(queries, archive, tokenizer, tables)
     batches = train_set.batches_per_epoch(cfg.batch_size, ctx.world_size)
     if batches == 0:
@@ -117,7 +122,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
         start_epoch = int(resume_state["epoch"])
         torch.set_rng_state(resume_state["torch_rng"])
         if resume_state.get("knowledge") is not None:
-            knowledge = Knowledge(**resume_state["knowledge"])
+            knowledge = Knowledge(**resume_state["knowledge"]).to(device)
 
     writer = None
     if ctx.is_main:
@@ -146,7 +151,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
         # ---- knowledge: encode the KB and the concept prompts, retrieve 20, keep 10 by MMR
         if cfg.is_concept and (cfg.is_update or knowledge is None):
             t0 = time.perf_counter()
-            knowledge = refresh_knowledge(model, kb_archives, vocabs, ctx, cfg.eval_batch_size, device)
+            knowledge = refresh_knowledge(model, kb_archives, vocabs, ctx, cfg.eval_batch_size, device).to(device)
             _log(writer, {"knowledge/refresh_s": time.perf_counter() - t0}, epoch * batches)
 
         model.train()
@@ -208,7 +213,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
             logger.info("epoch %d: %s", epoch + 1, json.dumps(record))
             state = {"name": name, "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler else None, "torch_rng": torch.get_rng_state(),
-                     "knowledge": None if cfg.is_update or knowledge is None else dataclasses.asdict(knowledge)}
+                     "knowledge": (None if cfg.is_update or knowledge is None
+                                   else dataclasses.asdict(knowledge.to("cpu")))}
             _save(run_dir, model, spec, state, epoch + 1, cfg)
             with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
