@@ -14,7 +14,9 @@ import logging
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
@@ -84,6 +86,9 @@ def in_background(items: Iterable[T], ahead: int = AHEAD) -> Iterator[Iterator[T
         thread.join()
 
 
+READ_THREADS = 4  # threads copying one pinned batch out of the archive (see _read_batches)
+
+
 def _store(out: np.ndarray, row: int, emb: np.ndarray, n: int) -> None:
     """Write a batch's (n, D) features at `row`, checking the runner gave one row per input."""
     if emb.shape != (n, out.shape[1]):
@@ -101,21 +106,32 @@ def _on_cuda(runner: Runner) -> bool:
     return str(runner.device).startswith("cuda")
 
 
+def _read_rows(archive: ImageArchive, ids: list, out: np.ndarray, start: int, stop: int) -> None:
+    archive.read_batch(ids[start:stop], out=out[start:stop])
+
+
 def _read_batches(archive: ImageArchive, ids: list, batch_size: int, pin: bool) -> Iterator[tuple[int, object]]:
-    """(first row, batch) pairs; a batch is (B, ...) numpy, or a pinned torch tensor when `pin`."""
-    torch = None
-    if pin:
-        import torch
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        if torch is None:
-            yield start, archive.read_batch(chunk)
-            continue
-        # torch's caching host allocator recycles pinned blocks once their copies have finished
-        dtype = torch.uint8 if archive.encoding == "uint8_hwc" else torch.float32
-        batch = torch.empty((len(chunk), *archive.image_shape), dtype=dtype, pin_memory=True)
-        archive.read_batch(chunk, out=batch.numpy())
-        yield start, batch
+    """(first row, batch) pairs; a batch is (B, ...) numpy, or a pinned torch tensor when `pin`.
+
+    Pinned batches feed a GPU, which can take over 50,000 images/s: more than one core copies
+    from the archive's memory map (about 9 GB/s, 60,000 224-px images/s), so each batch is read
+    in READ_THREADS slices at once (numpy releases the GIL while it copies)."""
+    if not pin:
+        for start in range(0, len(ids), batch_size):
+            yield start, archive.read_batch(ids[start:start + batch_size])
+        return
+    import torch
+
+    dtype = torch.uint8 if archive.encoding == "uint8_hwc" else torch.float32
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="fklip-read") as pool:
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            # torch's caching host allocator recycles pinned blocks once their copies have finished
+            batch = torch.empty((len(chunk), *archive.image_shape), dtype=dtype, pin_memory=True)
+            out = batch.numpy()
+            cuts = np.linspace(0, len(chunk), min(READ_THREADS, len(chunk)) + 1).astype(int)
+            list(pool.map(partial(_read_rows, archive, chunk, out), cuts[:-1], cuts[1:]))
+            yield start, batch
 
 
 def encode_archive(runner: Runner, archive: ImageArchive, batch_size: int = 256,

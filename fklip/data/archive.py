@@ -114,6 +114,7 @@ class ImageArchive:
         self.encoding, (self.height, self.width) = encoding_of(first.dtype, first.shape)
         if all(m.data_offset is not None for m in self._members.values()):
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._c_order = not any(m.fortran_order for m in self._members.values())
 
     def _scan(self) -> dict[str, _Member]:
         """Read every member's .npy header (a few hundred bytes each) and check them all."""
@@ -223,12 +224,38 @@ class ImageArchive:
             return np.lib.format.read_array(io.BufferedReader(f), allow_pickle=False)
 
     def read_batch(self, image_ids: Sequence[Id], out: np.ndarray | None = None) -> np.ndarray:
-        """Stack images into one (B, ...) array, into `out` when given (e.g. pinned memory)."""
+        """Stack images into one (B, ...) array, into `out` when given (e.g. pinned memory).
+
+        Uncompressed C-order members are copied straight from the memory map, one strided copy per
+        run of members evenly spaced in the file (archive order: one run per batch), so a batch
+        costs a memcpy, not a Python loop over images (about 50,000 images/s a core otherwise)."""
         if out is None:
             out = np.empty((len(image_ids), *self.image_shape), self._members[self.ids[0]].dtype)
-        for row, image_id in enumerate(image_ids):
-            out[row] = self.read(image_id)
-        return out[: len(image_ids)]
+        if self._mmap is None or not self._c_order:
+            for row, image_id in enumerate(image_ids):
+                out[row] = self.read(image_id)
+            return out[: len(image_ids)]
+        offsets = []
+        for image_id in image_ids:
+            m = self._members.get(id_key(image_id))
+            if m is None:
+                raise DataError(f"{self.path}: no image with id {image_id!r}")
+            offsets.append(m.data_offset)
+        flat = out[: len(offsets)].reshape(len(offsets), -1).view(np.uint8)  # (B, bytes per image)
+        size = flat.shape[1]
+        start = 0
+        while start < len(offsets):
+            end, step = start + 1, 0
+            if end < len(offsets) and offsets[end] - offsets[start] >= size:  # evenly spaced, no overlap
+                step = offsets[end] - offsets[start]
+                while end < len(offsets) and offsets[end] - offsets[end - 1] == step:
+                    end += 1
+            first = offsets[start]
+            span = self._mmap[first:first + step * (end - start - 1) + size]
+            flat[start:end] = np.lib.stride_tricks.as_strided(span, (end - start, size), (step, 1),
+                                                              writeable=False)
+            start = end
+        return out[: len(offsets)]
 
     def iter_batches(self, batch_size: int, image_ids: Sequence[Id] | None = None
                      ) -> Iterator[tuple[list[Id], np.ndarray]]:

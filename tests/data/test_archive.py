@@ -150,3 +150,29 @@ def test_archive_is_not_read_whole(tmp_path):
         assert isinstance(view.base, np.memmap) or isinstance(view.base, np.ndarray)
         assert not view.flags.owndata  # a view into the mapped file, not a copy
         assert float(view[0, 0, 0]) == 5.0
+
+
+@pytest.mark.parametrize("layout", ["in_order", "shuffled", "repeats", "mixed_id_lengths", "fortran", "compressed"])
+def test_read_batch_equals_one_image_at_a_time(tmp_path, layout):
+    """read_batch copies evenly spaced runs of members straight from the memory map; whatever the
+    order, repeats, member spacing or member layout, it must equal stacking `read` one by one."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(37, 6, 5, 3), dtype=np.uint8)
+    ids = [str(i) if layout == "mixed_id_lengths" else str(1000 + i) for i in range(0, 37 * 97, 97)]
+    path = tmp_path / "a.npz"
+    if layout in ("fortran", "compressed"):
+        arrays = {k: (np.asfortranarray(x) if layout == "fortran" else x) for k, x in zip(ids, images)}
+        (np.savez_compressed if layout == "compressed" else np.savez)(path, **arrays)
+    else:
+        with ArchiveWriter(path) as w:
+            for k, x in zip(ids, images):
+                w.add(k, x)
+    order = {"shuffled": list(rng.permutation(ids)), "repeats": ids[:5] + ids[:5] + ids[::-3]}.get(layout, ids)
+    with ImageArchive(path) as archive:
+        want = np.stack([archive.read(i) for i in order])
+        assert np.array_equal(archive.read_batch(order), want)
+        out = np.full((len(order) + 3, 6, 5, 3), 7, np.uint8)
+        got = archive.read_batch(order, out=out)
+        assert np.array_equal(got, want) and np.all(out[len(order):] == 7)
+        with pytest.raises(DataError, match="no image with id 'nope'"):
+            archive.read_batch([order[0], "nope"])
