@@ -2,8 +2,10 @@
 
 Batches are prepared in a background thread (images read from the archive, texts tokenised), at
 most `AHEAD` batches ahead of the runner, so reading overlaps encoding. When the runner is on a
-CUDA device, image batches are read straight into pinned host memory, so the runner's copy to the
-device is asynchronous; uint8 pixels travel as uint8 and the runner normalises them. Results are
+CUDA device, image batches are read straight into pinned host memory (in READ_THREADS threads),
+so the copy to the device is asynchronous; for runners that take device tensors (torch), the
+reading thread issues that copy itself on a side stream, so batch i+1 crosses the bus while batch
+i computes. uint8 pixels travel as uint8 and the runner normalises them. Results are
 written in input order into the caller's array (which may be an np.memmap), as `fklip.encode`
 does for the plain PyTorch path.
 """
@@ -147,12 +149,41 @@ def encode_archive(runner: Runner, archive: ImageArchive, batch_size: int = 256,
     out = alloc_features(len(ids), runner.embed_dim, out)
     pin = _on_cuda(runner)
     batches = _read_batches(archive, ids, batch_size, pin)
+    upload = pin and getattr(runner, "takes_device_tensors", False)
+    if upload:  # copy to the GPU from the reading thread, on a side stream: overlaps the encoding
+        batches = _uploaded(batches, runner.device)
     with tqdm(total=len(ids), desc="encode images", unit="img", disable=not progress) as bar, \
             in_background(batches) as ready:
         for row, batch in ready:
+            if upload:
+                batch = _ready_on_device(*batch)
             _store(out, row, runner.encode_images(batch), len(batch))  # (B, D)
             bar.update(len(batch))
     return out
+
+
+def _uploaded(batches: Iterable[tuple[int, object]], device: str) -> Iterator[tuple[int, tuple]]:
+    """(row, (device tensor, copy-done event)) for pinned (row, batch) pairs: each copy is issued
+    on a side stream in the reading thread, so batch i+1 crosses the bus while batch i computes."""
+    import torch
+
+    stream = torch.cuda.Stream(device=device)
+    for row, batch in batches:
+        with torch.cuda.stream(stream):
+            x = batch.to(device, non_blocking=True)  # the host allocator keeps `batch` until done
+            done = torch.cuda.Event()
+            done.record(stream)
+        yield row, (x, done)
+
+
+def _ready_on_device(x, done):
+    """Make the current stream wait for `x`'s copy, and tell the allocator `x` is used there."""
+    import torch
+
+    stream = torch.cuda.current_stream(x.device)
+    stream.wait_event(done)
+    x.record_stream(stream)
+    return x
 
 
 SORT_CHUNK_BATCHES = 64  # texts are grouped by length within chunks of this many batches

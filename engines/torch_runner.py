@@ -69,6 +69,7 @@ class TorchRunner:
 
     backend = "torch"
     image_encoding = "float32_chw"
+    takes_device_tensors = True  # encode_images accepts batches already on its CUDA device
 
     def __init__(self, cfg: RunnerConfig):
         if cfg.checkpoint is None:
