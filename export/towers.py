@@ -13,6 +13,10 @@ exported graph is explicit about precision and shapes:
 - Batch and text length are dynamic; the text tower pools at the largest id (the end token).
 - Optionally the image tower takes uint8 (B, H, W, 3) pixels and folds the CLIP normalisation
   into one multiply-add per channel.
+
+The torch engine's `--fused` towers are these modules built with attention="sdpa": attention
+through F.scaled_dot_product_attention (flash kernels on CUDA) and LayerNorms in the tower's
+dtype (PyTorch's kernels keep their statistics in fp32), for speed rather than an explicit graph.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ class Fp32LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
         return y.to(x.dtype)
+
+
+def _layer_norm(ln: nn.LayerNorm, attention: str) -> nn.Module:
+    """For ONNX ("explicit"): an Fp32LayerNorm, fp32 written into the graph. For the torch engine
+    ("sdpa"): the LayerNorm itself, cast with the tower (PyTorch's kernels keep the statistics in
+    fp32 for fp16/bf16 inputs), which saves the fp32 copies of the activations around each norm."""
+    return Fp32LayerNorm(ln) if attention == "explicit" else copy.deepcopy(ln)
 
 
 class ExportAttention(nn.Module):
@@ -92,10 +103,10 @@ class ExportBlock(nn.Module):
         super().__init__()
         if hasattr(block, "ln_1_kv"):
             raise ConfigError("export: cross-attention blocks are not supported")
-        self.ln_1 = Fp32LayerNorm(block.ln_1)
+        self.ln_1 = _layer_norm(block.ln_1, attention)
         self.attn = ExportAttention(block.attn, attention)
         self.ls_1 = copy.deepcopy(block.ls_1)
-        self.ln_2 = Fp32LayerNorm(block.ln_2)
+        self.ln_2 = _layer_norm(block.ln_2, attention)
         self.mlp = copy.deepcopy(block.mlp)
         self.ls_2 = copy.deepcopy(block.ls_2)
 
@@ -142,9 +153,9 @@ class ImageTower(nn.Module):
         self.conv1 = copy.deepcopy(visual.conv1)
         self.class_embedding = nn.Parameter(visual.class_embedding.detach().clone())
         self.positional_embedding = nn.Parameter(visual.positional_embedding.detach().clone())
-        self.ln_pre = Fp32LayerNorm(visual.ln_pre) if isinstance(visual.ln_pre, nn.LayerNorm) else nn.Identity()
+        self.ln_pre = _layer_norm(visual.ln_pre, attention) if isinstance(visual.ln_pre, nn.LayerNorm) else nn.Identity()
         self.blocks = _blocks(visual.transformer, attention)
-        self.ln_post = Fp32LayerNorm(visual.ln_post)
+        self.ln_post = _layer_norm(visual.ln_post, attention)
         self.proj = nn.Parameter(visual.proj.detach().clone()) if visual.proj is not None else None
         # uint8 pixels: x / 255 then (x - mean) / std, folded into x * scale + shift (fp32)
         std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
@@ -199,7 +210,7 @@ class TextTower(nn.Module):
         self.token_embedding = copy.deepcopy(model.token_embedding)
         self.positional_embedding = nn.Parameter(model.positional_embedding.detach().clone())
         self.blocks = _blocks(model.transformer, attention)
-        self.ln_final = Fp32LayerNorm(model.ln_final)
+        self.ln_final = _layer_norm(model.ln_final, attention)
         proj = model.text_projection
         if isinstance(proj, nn.Linear):
             raise ConfigError("export: linear text projections are not supported")

@@ -130,8 +130,8 @@ def _encode_options(f):
         click.option("--compile", "compile_", is_flag=True, help="--engine torch: torch.compile the towers."),
         click.option("--cuda-graphs", is_flag=True, help="--engine torch on CUDA: replay captured CUDA graphs."),
         click.option("--fused", is_flag=True,
-                     help="--engine torch: fklip's towers (one QKV matmul, SDPA/flash attention, fp32 "
-                          "LayerNorm) with weights in --precision fp32, fp16 or bf16."),
+                     help="--engine torch: fklip's towers (one QKV matmul, SDPA/flash attention) with "
+                          "weights in --precision fp32, fp16 or bf16."),
         click.option("--model", default=None,
                      help="Architecture for checkpoints that do not record one (see `fklip data models`)."),
         click.option("--img-batch-size", "image_batch_size", type=int, default=256, show_default=True),
