@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from fklip.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -163,6 +165,9 @@ def count_parameters(model) -> int:
 # ---------------------------------------------------------------- tokenizer
 
 
+WORD_CACHE = 1 << 20  # distinct pre-tokens memoised by Tokenizer (cleared when full)
+
+
 class Tokenizer:
     """open_clip's byte-level BPE (the real vocabulary it ships) with the original's truncation.
 
@@ -184,10 +189,34 @@ class Tokenizer:
         self.sot_id = self._bpe.sot_token_id
         self.eot_id = self._bpe.eot_token_id
         self.encode = functools.lru_cache(maxsize=65536)(self._encode)
+        self._words: dict[str, tuple[int, ...]] = {}  # pre-token -> its BPE ids
+        from open_clip import tokenizer as oc_tokenizer
+
+        self._plain_lower = self._bpe.clean_fn is oc_tokenizer._clean_lower  # the cleaning _bpe_ids can skip
+
+    def _bpe_ids(self, text: str) -> list[int]:
+        """open_clip's `SimpleTokenizer.encode`, memoised per pre-token: the same cleaning, split
+        and BPE, but each distinct word is byte-encoded, merged and looked up once (captions
+        repeat their words; this is most of the per-caption cost). Tests compare the two."""
+        bpe, ids = self._bpe, []
+        if self._plain_lower and text.isascii() and text.isprintable() and "&" not in text:
+            # ftfy and html.unescape leave printable ASCII without "&" as it is: skip them
+            cleaned = " ".join(text.split()).lower()
+        else:
+            cleaned = bpe.clean_fn(text)
+        for token in bpe.pat.findall(cleaned):
+            word = self._words.get(token)
+            if word is None:
+                if len(self._words) >= WORD_CACHE:
+                    self._words.clear()
+                merged = bpe.bpe("".join(bpe.byte_encoder[b] for b in token.encode("utf-8")))
+                word = self._words[token] = tuple(bpe.encoder[t] for t in merged.split(" "))
+            ids.extend(word)
+        return ids
 
     def _encode(self, text: str) -> tuple[int, ...]:
         """[SOT] + BPE + [EOT], truncated to the context length by the chosen rule."""
-        tokens = [self.sot_id, *self._bpe.encode(text), self.eot_id]
+        tokens = [self.sot_id, *self._bpe_ids(text), self.eot_id]
         if len(tokens) > self.context_length:
             tokens = tokens[: self.context_length]
             if self.truncation == "openai":
@@ -200,11 +229,11 @@ class Tokenizer:
 
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
         for row, text in enumerate(texts):
             tokens = self.encode(text)
-            out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        return out
+            out[row, : len(tokens)] = tokens
+        return torch.from_numpy(out)
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self._bpe.decode([t for t in tokens if t not in (0, self.sot_id, self.eot_id)])

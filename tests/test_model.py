@@ -68,6 +68,24 @@ def test_tokenizer_truncation_modes():
     assert torch.equal(original(["A  Photo &amp; X"]), original(["a photo & x"]))
 
 
+def test_tokenizer_equals_open_clips_encode():
+    """fklip memoises BPE per word and skips ftfy/html for printable ASCII without "&": the ids
+    must be open_clip's SimpleTokenizer.encode for any text, ASCII or not."""
+    import random
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    ref, tok = SimpleTokenizer(), Tokenizer("original")
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(32, 127)] + ["\t", "\n", "\r", "\x1b", "\x00", "é", "ﬁ", "’", "Ｔ",
+                                                    "&amp;", "&#39;", "Ã©", "\u2028", "😀", " ", " ", "  "]
+    texts = ["", " ", "Short sleeve T-shirt in black. Crewneck collar.", "it's a 'quoted' \"dress\"", LONG,
+             "RED  dress\twith\nlong   sleeves", "don't", "x&y", "&lt;b&gt;bold&lt;/b&gt;", "Ã©tÃ© dress"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(400)]
+    for text in texts + texts:  # twice: the second pass hits the per-word memo
+        assert list(tok._bpe_ids(text)) == ref.encode(text), repr(text)
+
+
 def test_original_truncation_pools_at_largest_id(tiny_model):
     """Without an EOT token the text feature comes from the position of the largest token id."""
     tokens = Tokenizer("original")([LONG])
