@@ -300,7 +300,7 @@ def cut_vs_full(model, ids: np.ndarray, args, device: str) -> dict:
 
 
 def topk_section(args, tmp: Path) -> dict:
-    from fklip.retrieval import topk_chunked, topk_reference
+    from fklip.retrieval import topk_both_ways, topk_chunked, topk_reference
     from fklip.topk_kernel import KernelConfig, fused_topk
 
     device, q, n, k = args.device, args.topk_queries, args.topk_gallery, 10
@@ -356,7 +356,20 @@ def topk_section(args, tmp: Path) -> dict:
     fused_v, fused_i = topk_chunked(queries, gallery, k, method="fused")
     torch_v, torch_i = topk_chunked(queries, gallery, k, method="torch")
     table(f"top-k, {q} queries x {n} gallery, d 512 fp16, k {k}", rows, ["ms", "queries_per_s", "x"])
-    result = {"queries": q, "gallery": n, "k": k, "rows": rows, "target_ms": 20,
+    # what `fklip eval` searches: float32 features from the towers, both directions
+    m = min(args.eval_size, n)
+    texts = F.normalize(torch.randn(m, 512, device=device, generator=gen), dim=-1)
+    images = F.normalize(torch.randn(m, 512, device=device, generator=gen), dim=-1)
+    both = {}
+    for method in ("fused", "torch"):
+        seconds, (ab, _) = timed(lambda mt=method: topk_both_ways(texts, images, k, method=mt), device, args.repeats)
+        both[method] = {"ms": round(seconds * 1e3, 2), "indices": ab[1]}
+    same = float((both["fused"]["indices"] == both["torch"]["indices"]).float().mean())
+    eval_like = {"n": m, "dtype": "float32", "fused_ms": both["fused"]["ms"], "torch_ms": both["torch"]["ms"],
+                 "same_indices": round(same, 6)}
+    print(f"  both ways, {m} x {m} float32 (an eval set): fused {eval_like['fused_ms']} ms, torch path "
+          f"{eval_like['torch_ms']} ms, {same:.6f} of indices equal")
+    result = {"queries": q, "gallery": n, "k": k, "rows": rows, "target_ms": 20, "eval_like_float32": eval_like,
               "grid_equal_reference": checks,
               "random_features_same_indices_fused_vs_torch": round(float((fused_i == torch_i).float().mean()), 6),
               "random_features_max_value_diff": float((fused_v - torch_v).abs().max())}
