@@ -29,6 +29,13 @@ def test_gpu_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=False).returncode == 0
 
 
+def test_gpu_script_refuses_an_unknown_mode_before_doing_anything(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "everything"], capture_output=True, text=True,
+                       env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"}, check=False)
+    assert r.returncode == 2 and "expected all, checks or bench, got 'everything'" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_gpu_bench_dry_run_on_cpu():
     """Every section of gpu_bench.py at tiny sizes on the CPU (the Triton kernel interpreted)."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--device", "cpu", "--small",
