@@ -73,13 +73,16 @@ def test_torch_runner_images(benchmark, setups, name, device, fused):
     assert min_cosine(got, s.image_ref) >= MIN_COSINE[device]
 
 
+@pytest.mark.parametrize("tower", ["images", "texts"])
 @pytest.mark.parametrize("device", ONNX_DEVICES)
 @pytest.mark.parametrize("name", MODELS)
-def test_onnx_runner_images(benchmark, setups, name, device):
+def test_onnx_runner(benchmark, setups, name, device, tower):
+    """The fp32 export through onnxruntime: images, and captions cut after their last end token."""
     s = setups(name)
+    x, ref = (s.pixels, s.image_ref) if tower == "images" else (s.ids, s.text_ref)
     with build_runner(RunnerConfig("onnx", engine_dir=s.export_dir, device=device)) as runner:
-        got = measured(benchmark, name, runner.encode_images, s.pixels)
-    assert min_cosine(got, s.image_ref) >= MIN_COSINE["cpu"]  # an fp32 export on either device
+        got = measured(benchmark, name, getattr(runner, f"encode_{tower}"), x)
+    assert min_cosine(got, ref) >= MIN_COSINE["cpu"]  # an fp32 export on either device
 
 
 @pytest.mark.parametrize("texts", ["captions", "prompts"])
@@ -109,11 +112,3 @@ def test_torch_runner_texts_trimmed(benchmark, setups, name, device, texts, fuse
     if device == "cpu":
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
 
-
-@pytest.mark.parametrize("device", ONNX_DEVICES)
-@pytest.mark.parametrize("name", MODELS)
-def test_onnx_runner_texts_trimmed(benchmark, setups, name, device):
-    s = setups(name)
-    with build_runner(RunnerConfig("onnx", engine_dir=s.export_dir, device=device)) as runner:
-        got = measured(benchmark, name, runner.encode_texts, s.ids)
-    assert min_cosine(got, s.text_ref) >= MIN_COSINE["cpu"]
