@@ -50,8 +50,12 @@ def init_distributed(device: str) -> DistContext:
     return DistContext(rank, world, local_rank, device)
 
 
-def shutdown(ctx: DistContext) -> None:
+def shutdown(ctx: DistContext, finished: bool = False) -> None:
+    """Leave the process group. After a run that `finished` on every rank, wait for all of them
+    first: a rank that tears gloo down while another still talks to it can abort at exit."""
     if ctx.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -84,10 +84,13 @@ def run_eval(cfg: EvalConfig, make_encoder=None) -> dict | None:
     the engines' for --engine. `device` is this process's (cuda:LOCAL_RANK under torchrun).
     """
     ctx = init_distributed(cfg.encode.device)
+    finished = False
     try:
-        return _run(cfg, ctx, make_encoder)
+        result = _run(cfg, ctx, make_encoder)
+        finished = True
+        return result
     finally:
-        shutdown(ctx)
+        shutdown(ctx, finished)
 
 
 def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:

@@ -46,10 +46,13 @@ class Knowledge:
 def run_train(cfg: TrainConfig, stop_after: int | None = None) -> dict | None:
     """Train; rank 0 returns a summary. `stop_after` ends this invocation after that many epochs."""
     ctx = init_distributed(cfg.device)
+    finished = False
     try:
-        return _train(cfg, ctx, stop_after)
+        result = _train(cfg, ctx, stop_after)
+        finished = True
+        return result
     finally:
-        shutdown(ctx)
+        shutdown(ctx, finished)
 
 
 def run_name(cfg: TrainConfig) -> str:
