@@ -189,7 +189,6 @@ def engine_variants(ckpt: Path, device: str, small: bool) -> dict:
 
 def image_section(args, tmp: Path) -> dict:
     from engines import pipeline
-    from engines.base import build_runner
     from fklip.data.archive import ImageArchive
 
     spec, model, ckpt = random_model(args.model, tmp)
@@ -208,9 +207,8 @@ def image_section(args, tmp: Path) -> dict:
             rows[name] = _measure(run, len(ids), ref, device, args.repeats)
         model.cpu()
         for name, cfg in engine_variants(ckpt, device, args.small).items():
-            with build_runner(cfg) as runner:
-                run = (lambda r=runner: pipeline.encode_archive(r, archive, args.image_batch, image_ids=ids))
-                rows[name] = _measure(run, len(ids), ref, device, args.repeats)
+            rows[name] = _engine_row(cfg, lambda r: pipeline.encode_archive(r, archive, args.image_batch, image_ids=ids),
+                                     len(ids), ref, device, args.repeats)
     _ratios(rows, "items_per_s")
     table(f"images/s, {args.model}, {len(ids)} uint8 images from an archive in host memory, batch "
           f"{args.image_batch}", rows, ["items_per_s", "x", "min_cos", "seconds"])
@@ -234,15 +232,27 @@ def _measure(run: Callable, n: int, ref: np.ndarray, device: str, repeats: int) 
     return {"items_per_s": round(n / seconds, 1), "seconds": round(seconds, 4), "min_cos": min_cosine(out[:len(ref)], ref)}
 
 
+def _engine_row(cfg, run: Callable, n: int, ref: np.ndarray, device: str, repeats: int) -> dict:
+    """One engine variant measured, or the error that stopped it (the other variants still run)."""
+    from engines.base import build_runner
+
+    try:
+        with build_runner(cfg) as runner:
+            return _measure(lambda: run(runner), n, ref, device, repeats)
+    except Exception as e:  # a variant that fails is reported in its row, not fatal
+        logger.exception("variant failed")
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
 def _ratios(rows: dict, key: str) -> None:
     base = next(iter(rows.values()))[key]
     for row in rows.values():
-        row["x"] = round(row[key] / base, 3)
+        if key in row:
+            row["x"] = round(row[key] / base, 3)
 
 
 def text_section(args, tmp: Path) -> dict:
     from engines import pipeline
-    from engines.base import build_runner
     from fklip.model import build_tokenizer
 
     spec, model, ckpt = random_model(args.model, tmp)
@@ -257,9 +267,8 @@ def text_section(args, tmp: Path) -> dict:
                 _measure(lambda i=ids: openclip_text_pass(model, i, args.text_batch, device, True), len(ids), ref,
                          device, args.repeats)}
         for name, cfg in engine_variants(ckpt, device, small=True).items():
-            with build_runner(cfg) as runner:
-                rows[name + ", cut, grouped by length"] = _measure(
-                    lambda r=runner, i=ids: pipeline.encode_ids(r, i, args.text_batch), len(ids), ref, device, args.repeats)
+            rows[name + ", cut, grouped by length"] = _engine_row(
+                cfg, lambda r, i=ids: pipeline.encode_ids(r, i, args.text_batch), len(ids), ref, device, args.repeats)
         _ratios(rows, "items_per_s")
         result[kind] = {"n": len(ids), "tokens": {"median": float(np.median(lengths)), "max": int(lengths.max())},
                         "rows": rows, "cut_vs_full": cut_vs_full(model, ids, args, device)}
