@@ -15,9 +15,9 @@ exactly without sorting whole rows and without ever holding a (Q, N) matrix:
   so merging the running top-k with a tile is one `torch.topk` with a single correct answer;
 * `topk_both_ways` selects along the rows and along the columns of the same tile, so the two
   directions of a retrieval evaluation cost one matmul instead of two;
-* on CUDA (method "auto" or "fused"), fklip.fused_topk runs the matmul and the selection in one
-  Triton kernel instead (no score tile in memory; fp16 features read as fp16) and merges the same
-  keys; this torch path is its fallback and oracle.
+* for fp16/bf16 features on CUDA (method "auto", or "fused" for any), fklip.fused_topk runs the
+  matmul and the selection in one Triton kernel instead (no score tile in memory; fp16 read as
+  fp16) and merges the same keys; this torch path is its fallback and oracle.
 
 Given the same float32 scores, the result is identical to `topk_reference` (full matrix + stable
 sort) for any chunk sizes. The scores themselves are BLAS float32 dot products, whose last bit may
@@ -46,7 +46,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 _LOW32 = 0xFFFFFFFF  # the low half of a key holds _LOW32 - index, so a lower index is a larger key
 _SHIFT = 1 << 32
-# "auto": the fused Triton kernel (fklip.fused_topk) on CUDA where it applies, else the torch path.
+# "auto": the fused Triton kernel (fklip.fused_topk) for fp16/bf16 on CUDA where it applies.
 METHODS = ("auto", "torch", "fused")
 # Largest score tile (query rows, gallery rows): 256 MiB of float32. Big tiles amortise the per-row
 # cost of the selection over more scores; tuned on 2 CPU cores (benchmarks/RESULTS.md). `tile_sizes`
@@ -131,6 +131,12 @@ def _check_inputs(queries: Tensor, gallery: Gallery, k: int, query_chunk: int,
             problems.append(f"{name}: {len(bad)} of {x.shape[0]} rows contain NaN or inf "
                             f"(rows {preview(bad)}); re-extract those features")
     raise_collected(problems, "top-k: non-finite features")
+
+
+def _half(x: Gallery) -> bool:
+    """fp16/bf16 features: what "auto" hands the fused kernel (float32 keeps cuBLAS's float32
+    GEMM; the kernel's IEEE float32 products are untuned)."""
+    return x.dtype in (torch.float16, torch.bfloat16, np.dtype(np.float16))
 
 
 def _keys_from(values: Tensor, indices: Tensor) -> Tensor:
@@ -269,7 +275,7 @@ def topk_chunked(queries: Tensor, gallery: Gallery, k: int, *, query_chunk: int 
     Returns values (Q, min(k, N)) float32 and indices (Q, min(k, N)) int64 on the queries' device.
     method: "torch" (the path above), "fused" (fklip.fused_topk: the matmul and the selection in
         one Triton kernel, fp16/bf16 features read as they are; k <= 32), or "auto": fused for
-        CUDA queries when it applies, torch otherwise. Both give the same results from the same
+        fp16/bf16 CUDA queries and gallery when it applies, torch otherwise. Both give the same results from the same
         float32 scores.
     Raises ConfigError for bad k, chunk sizes or method (or "fused" where it cannot run),
     DataError for bad shapes, dtypes, empty inputs or rows with NaN/inf.
@@ -303,7 +309,8 @@ def _search(queries: Tensor, gallery: Gallery, k: int, query_chunk: int, gallery
     """The loop behind `topk_chunked` and `topk_both_ways`: for each query tile, each gallery
     tile's scores are selected along rows and, when `both_ways`, along columns too."""
     _check_inputs(queries, gallery, k, query_chunk, gallery_chunk, method)
-    if method == "fused" or (method == "auto" and queries.device.type == "cuda"):
+    if method == "fused" or (method == "auto" and queries.device.type == "cuda"
+                             and _half(queries) and _half(gallery)):
         from fklip.fused_topk import search_fused, why_not_fused
 
         why_not = why_not_fused(queries, gallery, k, gallery_chunk)
