@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from fklip.retrieval import tile_sizes, topk_chunked
+from fklip.retrieval import resolve_method, tile_sizes, topk_chunked
 
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
 TOPK_TOLERANCE = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # plain vs fklip values
@@ -163,13 +163,9 @@ def bench_topk(n_queries: int, n_gallery: int, dim: int, k: int, repeats: int, d
     plain_values, plain_indices = plain_topk(queries, gallery, k)
     diff = float((plain_values.float() - fklip_values).abs().max())
     variants = {"fklip": lambda: topk_chunked(queries, gallery, k), "plain": lambda: plain_topk(queries, gallery, k)}
-    method = "torch"
-    if queries.device.type == "cuda":  # "auto" runs the fused kernel where it applies: time both paths
-        from fklip.fused_topk import why_not_fused
-
-        method = "fused" if why_not_fused(queries, gallery, k, len(gallery)) is None else "torch"
-        if method == "fused":
-            variants["fklip torch path"] = lambda: topk_chunked(queries, gallery, k, method="torch")
+    method = resolve_method(queries, gallery, k, len(gallery))  # what topk_chunked runs here
+    if method == "fused":  # time the torch path too
+        variants["fklip torch path"] = lambda: topk_chunked(queries, gallery, k, method="torch")
     times, other, _ = measure_variants(variants, repeats, device)
     per_s = {name: n_queries / statistics.median(t) for name, t in times.items()}
     return {"queries": n_queries, "gallery": n_gallery, "dim": dim, "k": k, "dtype": str(dtype).split(".")[-1],
