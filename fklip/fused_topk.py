@@ -11,10 +11,16 @@ on the same float32 scores. triton is imported only when the kernel runs.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from fklip.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def _max_norm(x, chunk: int, device: torch.device) -> float:
@@ -43,6 +49,28 @@ def why_not_fused(queries: Tensor, gallery, k: int, gallery_chunk: int) -> str |
     if not bound < 1e38:
         return f"scores could overflow float32 (the largest row norms multiply to {bound:.3g})"
     return None
+
+
+def _half(x) -> bool:
+    """fp16/bf16 features: what "auto" hands the fused kernel (float32 keeps cuBLAS's float32
+    GEMM; the kernel's IEEE float32 products are untuned)."""
+    return x.dtype in (torch.float16, torch.bfloat16, np.dtype(np.float16))
+
+
+def resolve_method(queries: Tensor, gallery, k: int, gallery_chunk: int, method: str = "auto") -> str:
+    """The path a search with `method` takes on these inputs: "fused" or "torch". "auto" picks
+    the kernel for fp16/bf16 CUDA features where it applies; "fused" where it cannot run raises
+    ConfigError."""
+    if method == "torch" or (method == "auto" and not (queries.device.type == "cuda"
+                                                       and _half(queries) and _half(gallery))):
+        return "torch"
+    why_not = why_not_fused(queries, gallery, k, gallery_chunk)
+    if why_not is None:
+        return "fused"
+    if method == "fused":
+        raise ConfigError(f"top-k: method 'fused' cannot run: {why_not}")
+    logger.debug("top-k: torch path, not the fused kernel: %s", why_not)
+    return "torch"
 
 
 def _keys_of(values: Tensor, index: Tensor, offset: int) -> Tensor:

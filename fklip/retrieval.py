@@ -133,12 +133,6 @@ def _check_inputs(queries: Tensor, gallery: Gallery, k: int, query_chunk: int,
     raise_collected(problems, "top-k: non-finite features")
 
 
-def _half(x: Gallery) -> bool:
-    """fp16/bf16 features: what "auto" hands the fused kernel (float32 keeps cuBLAS's float32
-    GEMM; the kernel's IEEE float32 products are untuned)."""
-    return x.dtype in (torch.float16, torch.bfloat16, np.dtype(np.float16))
-
-
 def _keys_from(values: Tensor, indices: Tensor) -> Tensor:
     """Pack float32 scores and int64 gallery indices into int64 keys ordered like
     (score descending, index ascending): a larger key is a better hit, and no two keys are equal."""
@@ -303,33 +297,15 @@ def topk_both_ways(queries: Tensor, gallery: Gallery, k: int, *, query_chunk: in
     return ab, ba
 
 
-def resolve_method(queries: Tensor, gallery: Gallery, k: int, gallery_chunk: int, method: str = "auto") -> str:
-    """The path a search with `method` takes on these inputs: "fused" or "torch". "auto" picks
-    the kernel for fp16/bf16 CUDA features where it applies; "fused" where it cannot run raises
-    ConfigError."""
-    if method == "torch" or (method == "auto" and not (queries.device.type == "cuda"
-                                                       and _half(queries) and _half(gallery))):
-        return "torch"
-    from fklip.fused_topk import why_not_fused
-
-    why_not = why_not_fused(queries, gallery, k, gallery_chunk)
-    if why_not is None:
-        return "fused"
-    if method == "fused":
-        raise ConfigError(f"top-k: method 'fused' cannot run: {why_not}")
-    logger.debug("top-k: torch path, not the fused kernel: %s", why_not)
-    return "torch"
-
-
 def _search(queries: Tensor, gallery: Gallery, k: int, query_chunk: int, gallery_chunk: int,
             progress: bool, both_ways: bool, method: str
             ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
     """The loop behind `topk_chunked` and `topk_both_ways`: for each query tile, each gallery
     tile's scores are selected along rows and, when `both_ways`, along columns too."""
     _check_inputs(queries, gallery, k, query_chunk, gallery_chunk, method)
-    if resolve_method(queries, gallery, k, gallery_chunk, method) == "fused":
-        from fklip.fused_topk import search_fused
+    from fklip.fused_topk import resolve_method, search_fused  # no triton import unless it runs
 
+    if resolve_method(queries, gallery, k, gallery_chunk, method) == "fused":
         return search_fused(queries, gallery, k, query_chunk, gallery_chunk, progress, both_ways)
     n_query, n_gallery = queries.shape[0], gallery.shape[0]
     k_row, k_col = min(k, n_gallery), min(k, n_query)
