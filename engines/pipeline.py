@@ -91,12 +91,12 @@ def in_background(items: Iterable[T], ahead: int = AHEAD) -> Iterator[Iterator[T
 READ_THREADS = 4  # threads copying one pinned batch out of the archive (see _read_batches)
 
 
-def _store(out: np.ndarray, row: int, emb: np.ndarray, n: int) -> None:
-    """Write a batch's (n, D) features at `row`, checking the runner gave one row per input."""
+def _store(out: np.ndarray, rows: slice | np.ndarray, emb: np.ndarray, n: int) -> None:
+    """Write a batch's (n, D) features into `out[rows]`, checking the runner gave one row per input."""
     if emb.shape != (n, out.shape[1]):
         raise RuntimeError(f"the runner returned features of shape {emb.shape} for {n} inputs; "
                            f"expected {(n, out.shape[1])}")
-    out[row:row + n] = emb
+    out[rows] = emb
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -157,7 +157,7 @@ def encode_archive(runner: Runner, archive: ImageArchive, batch_size: int = 256,
         for row, batch in ready:
             if upload:
                 batch = _ready_on_device(*batch)
-            _store(out, row, runner.encode_images(batch), len(batch))  # (B, D)
+            _store(out, slice(row, row + len(batch)), runner.encode_images(batch), len(batch))  # (B, D)
             bar.update(len(batch))
     return out
 
@@ -219,11 +219,7 @@ def _encode_batches(runner: Runner, batches: Iterable[tuple[np.ndarray, np.ndarr
     with tqdm(total=len(out), desc=desc, unit="text", disable=not progress) as bar, \
             in_background(batches) as ready:
         for rows, ids in ready:
-            emb = runner.encode_texts(ids)  # (B, D)
-            if emb.shape != (len(rows), out.shape[1]):
-                raise RuntimeError(f"the runner returned features of shape {emb.shape} for {len(rows)} "
-                                   f"inputs; expected {(len(rows), out.shape[1])}")
-            out[rows] = emb
+            _store(out, rows, runner.encode_texts(ids), len(rows))  # (B, D)
             bar.update(len(rows))
     return out
 
