@@ -1,11 +1,6 @@
-"""The fused Triton top-k (fklip.topk_kernel, fklip.fused_topk) against `topk_reference` and the
-torch path.
-
-On CPU the kernel runs in Triton's interpreter, which must be chosen before triton is first
-imported: `test_kernel_under_interpreter` re-runs this file in a subprocess with
-TRITON_INTERPRET=1, where the `interp`/`kernel` tests run (and skip in this process). The same
-checks run on CUDA where there is a GPU.
-"""
+"""The fused top-k's errors in this process, and its kernel cases (tests/fused_topk_cases.py)
+on the CPU under Triton's interpreter, which must be chosen before triton is first imported: a
+fresh process runs them."""
 
 from __future__ import annotations
 
@@ -14,141 +9,30 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
 
 from fklip.errors import ConfigError
-from fklip.retrieval import topk_both_ways, topk_chunked, topk_reference
+from fklip.retrieval import topk_chunked, topk_reference
+from tests.conftest import ROOT
 from tests.test_retrieval import assert_same, grid_features
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() else [])
-kernel = pytest.mark.skipif(not DEVICES, reason="no GPU, and not under Triton's interpreter "
-                                                "(test_kernel_under_interpreter runs these on CPU)")
-
-
-def _ranked(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's unsorted per-split entries ranked by the tie rule (score desc, index asc)."""
-    by_index = torch.argsort(index.masked_fill(index < 0, 2**62), dim=1, stable=True)
-    values, index = values.gather(1, by_index), index.gather(1, by_index)
-    order = torch.sort(-values, dim=1, stable=True).indices[:, :k]
-    return values.gather(1, order), index.gather(1, order)
-
-
-@kernel
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,splits", [(1, 1), (5, 3), (10, 2), (32, 4)])
-def test_kernel_matches_reference(device, dtype, k, splits):
-    # 45 queries: not a multiple of the 32-row block; dim 40: not a multiple of the 32-wide slice;
-    # 301 rows: the last score block and split are partial. Grid features: exact scores, many ties.
-    from fklip.topk_kernel import KernelConfig, fused_topk
-
-    queries = grid_features(45, 40, levels=4, seed=1).to(device, dtype)
-    rows = grid_features(301, 40, levels=4, seed=2).to(device, dtype)
-    cfg = KernelConfig(block_m=32, block_n=64, block_d=32) if device == "cpu" else None
-    values, index = fused_topk(queries, rows, k, splits=splits, config=cfg)
-    assert values.shape == index.shape and values.shape[0] == 45
-    assert_same(_ranked(values.cpu(), index.cpu(), k), topk_reference(queries.cpu(), rows.cpu(), k))
-
-
-@kernel
-@pytest.mark.parametrize("device", DEVICES)
-def test_kernel_short_split_ties_and_negative_zero(device):
-    from fklip.topk_kernel import KernelConfig, fused_topk
-
-    cfg = KernelConfig(block_m=32, block_n=64, block_d=32) if device == "cpu" else None
-    # 70 rows in splits of 64: the second split has 6 rows, fewer than k = 10: -1 entries.
-    queries, rows = grid_features(9, 8, seed=3).to(device), grid_features(70, 8, seed=4).to(device)
-    values, index = fused_topk(queries, rows, 10, splits=2, config=cfg)
-    assert bool((index == -1).any()) and bool(torch.isinf(values[index == -1]).all())
-    assert_same(_ranked(values.cpu(), index.cpu(), 10), topk_reference(queries.cpu(), rows.cpu(), 10))
-    # Every score equal: the lowest indices win. Scores of -0.0 are reported as +0.0.
-    same = torch.ones(200, 8, device=device)
-    values, index = fused_topk(torch.ones(3, 8, device=device), same, 7, config=cfg)
-    assert sorted(_ranked(values.cpu(), index.cpu(), 7)[1][0].tolist()) == list(range(7))
-    zero = torch.zeros(5, 8, device=device)
-    zero[:, 0] = -1.0
-    values, _ = fused_topk(torch.tensor([[0.0] + [1.0] * 7], device=device), zero, 3, config=cfg)
-    assert values.cpu().view(torch.int32).eq(0).all()  # +0.0 bits, never -0.0
-
-
-@kernel
-@pytest.mark.parametrize("device", DEVICES)
-def test_kernel_rising_scores(device):
-    # Gallery rows in increasing score order: every block displaces the whole running top-k,
-    # the slow case of the insertion loop.
-    from fklip.topk_kernel import KernelConfig, fused_topk
-
-    cfg = KernelConfig(block_m=32, block_n=64, block_d=32) if device == "cpu" else None
-    query = torch.ones(2, 4, device=device)
-    rows = (torch.arange(400, device=device, dtype=torch.float32) / 64)[:, None].expand(400, 4)
-    values, index = fused_topk(query, rows.contiguous(), 16, splits=1, config=cfg)
-    assert _ranked(values.cpu(), index.cpu(), 16)[1][0].tolist() == list(range(399, 383, -1))
-
-
-@kernel
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("k,query_chunk,gallery_chunk", [(1, 7, 50), (10, 64, 1000), (25, 16, 129)])
-def test_topk_chunked_fused_equals_torch_and_reference(device, dtype, k, query_chunk, gallery_chunk):
-    queries = grid_features(37, 24, seed=5).to(device, dtype)
-    gallery = grid_features(333, 24, seed=6).to(device, dtype)
-    kwargs = {"query_chunk": query_chunk, "gallery_chunk": gallery_chunk}
-    fused = topk_chunked(queries, gallery, k, method="fused", **kwargs)
-    want = topk_reference(queries, gallery, k)
-    assert_same((fused[0].cpu(), fused[1].cpu()), (want[0].cpu(), want[1].cpu()))
-    torch_path = topk_chunked(queries, gallery, k, method="torch", **kwargs)
-    assert_same((fused[0].cpu(), fused[1].cpu()), (torch_path[0].cpu(), torch_path[1].cpu()))
-
-
-@kernel
-@pytest.mark.parametrize("device", DEVICES)
-def test_topk_both_ways_fused_and_memmap_gallery(device, tmp_path):
-    queries = grid_features(41, 16, seed=7).to(device, torch.float16)
-    gallery = grid_features(150, 16, seed=8).half()
-    path = tmp_path / "gallery.npy"
-    np.save(path, gallery.numpy())
-    memmap = np.load(path, mmap_mode="r")  # (150, 16) float16, read chunk by chunk
-    (ab, ba) = topk_both_ways(queries, memmap, 12, query_chunk=20, gallery_chunk=64, method="fused")
-    want_ab = topk_reference(queries.cpu(), gallery, 12)
-    want_ba = topk_reference(gallery, queries.cpu(), 12)
-    assert_same((ab[0].cpu(), ab[1].cpu()), want_ab)
-    assert_same((ba[0].cpu(), ba[1].cpu()), want_ba)
-
-
-@kernel
-@pytest.mark.parametrize("device", DEVICES)
-def test_fused_refuses_scores_that_could_overflow(device):
-    queries = torch.full((3, 4), 1e19, device=device)  # |q| |g| = 4e38: a dot product may overflow
-    with pytest.raises(ConfigError, match="overflow"):
-        topk_chunked(queries, queries, 2, method="fused")
-    with pytest.raises(ConfigError, match="k = 33 is larger than the kernel's limit of 32"):
-        topk_chunked(queries / 1e19, queries / 1e19, 33, method="fused")
-    if device == "cuda":  # "auto" falls back to the torch path, which reports what it finds
-        assert topk_chunked(queries / 1e10, queries / 1e10, 2)[0].shape == (3, 2)
 
 
 def test_method_errors():
     queries = grid_features(4, 8)
     with pytest.raises(ConfigError, match="method must be one of auto, torch, fused"):
         topk_chunked(queries, queries, 2, method="faiss")
-    if not INTERPRETED:
-        with pytest.raises(ConfigError, match="method 'fused' cannot run: .*(CUDA|triton)"):
-            topk_chunked(queries, queries, 2, method="fused")
+    with pytest.raises(ConfigError, match="method 'fused' cannot run: .*(CUDA|triton)"):
+        topk_chunked(queries, queries, 2, method="fused")
     # "auto" on CPU is the torch path: same results as the reference
     assert_same(topk_chunked(queries, queries, 3), topk_reference(queries, queries, 3))
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the outer run")
 def test_kernel_under_interpreter():
-    """Runs the kernel tests above on CPU, under Triton's interpreter, in a fresh process."""
-    pytest.importorskip("triton", reason="triton is not installed")
+    """Runs the kernel cases on the CPU, under Triton's interpreter, in a fresh process."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "-o", "addopts=", __file__], env=env, capture_output=True, text=True,
-                            check=False, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                             str(ROOT / "tests" / "fused_topk_cases.py")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, check=False, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", result.stdout)
     assert passed and int(passed[1]) >= 20, result.stdout[-2000:]  # the kernel tests ran
