@@ -52,30 +52,20 @@ import torch.nn.functional as F
 logger = logging.getLogger("gpu_bench")
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> tuple[float, object]:
-    """Median seconds of `repeats` calls after `warmup` calls, and the last result."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    sync(device)
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        out = fn()
-        sync(device)
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds), out
+    """Median seconds of `repeats` calls (each synchronised, `fklip.bench.timed`) after `warmup`
+    calls, and the last result."""
+    from fklip.bench import timed as timed_once
+
+    out = [fn() for _ in range(warmup)]
+    seconds = [timed_once(lambda: out.append(fn()), device)[0] for _ in range(repeats)]
+    return statistics.median(seconds), out[-1]
 
 
 def min_cosine(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    cos = (got * ref).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
-    return round(float(cos.min()), 6)
+    from engines.measure import cosines
+
+    return round(float(cosines(np.asarray(got), np.asarray(ref)).min()), 6)
 
 
 def table(title: str, rows: dict[str, dict], columns: list[str]) -> None:
@@ -140,35 +130,25 @@ def concept_prompts(n: int) -> list[str]:
 # ---- image and text towers
 
 
-def _autocast(on: bool, device: str):
-    """fp16 autocast on CUDA (the dry run on the CPU runs fp32)."""
-    on = on and device.startswith("cuda")
-    return torch.autocast("cuda", dtype=torch.float16) if on else contextlib.nullcontext()
+def _open_clip(model, device: str, autocast: bool):
+    """`fklip bench`'s baseline (engines.measure.open_clip_backend): open_clip as users run it,
+    uint8 pixels normalised on the device, fp16 autocast on CUDA (the CPU dry run runs fp32)."""
+    from engines.measure import open_clip_backend
+
+    return open_clip_backend(model, device, autocast=autocast and device.startswith("cuda"),
+                             image_encoding="uint8_hwc")
 
 
 def openclip_image_pass(model, archive, ids: list, batch: int, device: str, autocast: bool) -> np.ndarray:
-    """What an open_clip user runs: read a batch, copy it, normalise on the device, encode."""
-    from fklip.data.archive import model_input_from_batch
-
-    dtype = next(model.parameters()).dtype
-    out = []
-    ctx = _autocast(autocast, device)
-    with torch.no_grad(), ctx:
-        for i in range(0, len(ids), batch):
-            x = model_input_from_batch(archive.read_batch(ids[i:i + batch]), "uint8_hwc", device, dtype)
-            out.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
-    return torch.cat(out).numpy()
+    """What an open_clip user runs: read a batch from the archive, copy it, normalise, encode."""
+    encode = _open_clip(model, device, autocast).encode_images
+    return np.concatenate([encode(archive.read_batch(ids[i:i + batch])) for i in range(0, len(ids), batch)])
 
 
 def openclip_text_pass(model, ids: np.ndarray, batch: int, device: str, autocast: bool) -> np.ndarray:
     """open_clip's encode_text over the full context, as users run it."""
-    out = []
-    ctx = _autocast(autocast, device)
-    with torch.no_grad(), ctx:
-        for i in range(0, len(ids), batch):
-            x = torch.from_numpy(ids[i:i + batch]).to(device)
-            out.append(F.normalize(model.encode_text(x).float(), dim=-1).cpu())
-    return torch.cat(out).numpy()
+    encode = _open_clip(model, device, autocast).encode_texts
+    return np.concatenate([encode(ids[i:i + batch]) for i in range(0, len(ids), batch)])
 
 
 def engine_variants(ckpt: Path, device: str, small: bool) -> dict:
@@ -309,6 +289,7 @@ def cut_vs_full(model, ids: np.ndarray, args, device: str) -> dict:
 
 
 def topk_section(args, tmp: Path) -> dict:
+    from fklip.bench import plain_topk
     from fklip.retrieval import topk_both_ways, topk_chunked, topk_reference
     from fklip.topk_kernel import KernelConfig, fused_topk
 
@@ -324,17 +305,8 @@ def topk_section(args, tmp: Path) -> dict:
             g = gallery[c:c + chunk]
             torch.mm(queries, g.T, out=out[:, :len(g)])
 
-    def mm_topk():  # what a PyTorch user writes: scores per chunk, topk, then the best of the chunks'
-        values, index = [], []
-        for c in range(0, n, chunk):
-            v, i = torch.topk(queries @ gallery[c:c + chunk].T, k, dim=1)  # (q, k) each
-            values.append(v)
-            index.append(i + c)
-        v, j = torch.topk(torch.cat(values, 1), k, dim=1)
-        return v, torch.cat(index, 1).gather(1, j)
-
-    rows = {}
-    variants = {"torch.mm + torch.topk per chunk (baseline)": mm_topk, "matmul only (no selection)": matmul_only,
+    rows = {}  # the baseline: `fklip bench`'s, what a PyTorch user writes (torch.mm, torch.topk per chunk)
+    variants = {"torch.mm + torch.topk per chunk (baseline)": lambda: plain_topk(queries, gallery, k), "matmul only (no selection)": matmul_only,
                 "fklip torch path": lambda: topk_chunked(queries, gallery, k, method="torch"),
                 "fklip fused (default tiles)": lambda: topk_chunked(queries, gallery, k, method="fused",
                                                                      query_chunk=q, gallery_chunk=n)}
@@ -511,6 +483,7 @@ def main() -> int:
                         help="start no section after this many seconds (the rest are reported as skipped)")
     parser.add_argument("--json-out", type=Path, default=None, help="also written after every section")
     args = parser.parse_args()
+    from fklip.io import atomic_output
     if args.small:
         args.images, args.image_batch, args.texts, args.text_batch = 24, 8, 40, 16
         args.topk_queries, args.topk_gallery, args.eval_size, args.kb_size = 32, 1500, 24, 32
@@ -546,15 +519,10 @@ def main() -> int:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         if args.json_out is not None:  # so a run cut short still leaves the finished sections
-            _write_atomic(args.json_out, json.dumps(report) + "\n")
+            with atomic_output(args.json_out) as tmp:
+                tmp.write_text(json.dumps(report) + "\n", encoding="utf-8")
     print(json.dumps(report))
     return 1 if failed else 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

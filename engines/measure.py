@@ -63,7 +63,8 @@ def open_clip_backend(model, device: str = "cpu", autocast: bool = False, name: 
                       image_encoding: str = "float32_chw") -> Backend:
     """open_clip as users run it: `model.encode_image` / `model.encode_text` (the full context)
     + F.normalize, under fp16 autocast on CUDA when `autocast`; numpy in, float32 numpy out.
-    uint8 (B, S, S, 3) pixels (`image_encoding` "uint8_hwc") are normalised on the device."""
+    uint8 (B, S, S, 3) pixels (`image_encoding` "uint8_hwc") are normalised on the device; pixels
+    go in as the model's weights' dtype (fp16 for a `.half()` model)."""
     import contextlib
 
     import torch
@@ -71,10 +72,13 @@ def open_clip_backend(model, device: str = "cpu", autocast: bool = False, name: 
 
     from fklip.data.archive import model_input_from_batch
 
+    dtype = next(model.parameters()).dtype
+
     def run(encode, encoding):
         @torch.no_grad()
         def fn(x: np.ndarray) -> np.ndarray:
-            x = model_input_from_batch(x, encoding, device=device) if encoding else torch.from_numpy(x).to(device)
+            x = (model_input_from_batch(x, encoding, device=device, dtype=dtype) if encoding
+                 else torch.from_numpy(x).to(device))
             with torch.autocast("cuda", dtype=torch.float16) if autocast else contextlib.nullcontext():
                 emb = F.normalize(encode(x), dim=-1)  # (B, D)
             return emb.float().cpu().numpy()
