@@ -11,6 +11,9 @@ exported graph is explicit about precision and shapes:
 - Attention is written out (q/k/v projection, scaled scores, masked fp32 softmax), so the
   causal text mask is an explicit Add that cannot be dropped, sliced to the batch's length.
 - Batch and text length are dynamic; the text tower pools at the largest id (the end token).
+- Both towers pool one token (the image's class token, the text's end token), so the last block
+  computes only that token's query, attention output and MLP (keys and values from every
+  token): the same features, and 1/12 of ViT-B/32's blocks mostly skipped.
 - Optionally the image tower takes uint8 (B, H, W, 3) pixels and folds the CLIP normalisation
   into one multiply-add per channel.
 
@@ -67,7 +70,7 @@ class ExportAttention(nn.Module):
     on CUDA, which keep the softmax in fp32 internally), causal where a mask is given: the torch
     engine's `--fused` towers."""
 
-    def __init__(self, mha: nn.MultiheadAttention, attention: str = "explicit"):
+    def __init__(self, mha: nn.MultiheadAttention, attention: str = "explicit", split: bool = False):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ConfigError(f"attention: expected one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -76,35 +79,64 @@ class ExportAttention(nn.Module):
             raise ConfigError("export: only batch-first self-attention with biases is supported")
         self.heads = mha.num_heads
         self.head_dim = mha.embed_dim // mha.num_heads
-        self.in_proj = nn.Linear(mha.embed_dim, 3 * mha.embed_dim)
-        self.in_proj.weight = nn.Parameter(mha.in_proj_weight.detach().clone())
-        self.in_proj.bias = nn.Parameter(mha.in_proj_bias.detach().clone())
+        width, weight, bias = mha.embed_dim, mha.in_proj_weight.detach(), mha.in_proj_bias.detach()
+        # split: the query and the key/value projections as two weights (the last block's, whose
+        # query is one token): ONNX sees two plain initializers that `--int8` quantises, not
+        # slices of one computed at run time
+        self.split = split
+        names = (("q_proj", 0, width), ("kv_proj", width, 3 * width)) if split else (("in_proj", 0, 3 * width),)
+        for name, start, stop in names:
+            linear = nn.Linear(width, stop - start)
+            linear.weight = nn.Parameter(weight[start:stop].clone())
+            linear.bias = nn.Parameter(bias[start:stop].clone())
+            setattr(self, name, linear)
         self.out_proj = copy.deepcopy(mha.out_proj)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        qkv = self.in_proj(x).unflatten(-1, (3, self.heads, self.head_dim))  # (B, L, 3, H, Dh)
+        if self.split:
+            qkv = torch.cat([self.q_proj(x), self.kv_proj(x)], dim=-1)
+        else:
+            qkv = self.in_proj(x)
+        qkv = qkv.unflatten(-1, (3, self.heads, self.head_dim))  # (B, L, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
         if self.sdpa:  # a mask here is always the causal one (TextTower)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=mask is not None)  # (B, H, L, Dh)
             return self.out_proj(out.transpose(1, 2).flatten(2))
-        scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, L)
+        return self.out_proj(self._explicit(q, k, v, mask))
+
+    def attend_one(self, x: torch.Tensor, xq: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention output for one query per sample, `xq` (B, 1, W), over the keys and
+        values of all of `x` (B, L, W); `mask` (B, 1, 1, L) fp32 0 / MASK_VALUE, or None.
+        Projects the query of that one token only, not of all L (needs split=True)."""
+        q = self.q_proj(xq).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, 1, Dh)
+        kv = self.kv_proj(x).unflatten(-1, (2, self.heads, self.head_dim))
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
+        if self.sdpa:
+            keep = None if mask is None else mask == 0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, H, 1, Dh)
+            return self.out_proj(out.transpose(1, 2).flatten(2))
+        return self.out_proj(self._explicit(q, k, v, mask))
+
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """Scaled scores, fp32 masked softmax, weighted values -> (B, Lq, W) before out_proj."""
+        scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # (B, H, Lq, L)
         scores = scores.float()
         if mask is not None:
-            scores = scores + mask  # (L, L) fp32, 0 or MASK_VALUE
+            scores = scores + mask  # fp32, 0 or MASK_VALUE, broadcast to the scores
         attn = scores.softmax(dim=-1).to(v.dtype)
-        out = (attn @ v).transpose(1, 2).flatten(2)  # (B, L, W)
-        return self.out_proj(out)
+        return (attn @ v).transpose(1, 2).flatten(2)  # (B, Lq, W)
 
 
 class ExportBlock(nn.Module):
     """open_clip's ResidualAttentionBlock (pre-norm attention and MLP, optional LayerScale)."""
 
-    def __init__(self, block, attention: str = "explicit"):
+    def __init__(self, block, attention: str = "explicit", last: bool = False):
         super().__init__()
         if hasattr(block, "ln_1_kv"):
             raise ConfigError("export: cross-attention blocks are not supported")
         self.ln_1 = _layer_norm(block.ln_1, attention)
-        self.attn = ExportAttention(block.attn, attention)
+        self.attn = ExportAttention(block.attn, attention, split=last)
         self.ls_1 = copy.deepcopy(block.ls_1)
         self.ln_2 = _layer_norm(block.ln_2, attention)
         self.mlp = copy.deepcopy(block.mlp)
@@ -113,6 +145,21 @@ class ExportBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.ls_1(self.attn(self.ln_1(x), mask))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+    def forward_one(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output (B, W) at one token per sample: the first (rows None) or, for
+        x (B, L, W), the rows `rows` (B,) of x.flatten(0, 1). The towers pool one token, so their
+        last block needs only that token's query, attention output and MLP (keys and values still
+        come from every token); `mask` (B, 1, 1, L) is that token's row of the attention mask."""
+        h = self.ln_1(x)
+        if rows is None:
+            xq, hq = x[:, :1], h[:, :1]  # (B, 1, W)
+        else:
+            xq = x.flatten(0, 1).index_select(0, rows).unsqueeze(1)
+            hq = h.flatten(0, 1).index_select(0, rows).unsqueeze(1)
+        xq = xq + self.ls_1(self.attn.attend_one(h, hq, mask))
+        return (xq + self.ls_2(self.mlp(self.ln_2(xq)))).squeeze(1)
 
 
 def _blocks(transformer, attention: str) -> nn.ModuleList:
@@ -123,7 +170,8 @@ def _blocks(transformer, attention: str) -> nn.ModuleList:
     for block in transformer.resblocks:
         if type(block) is not ResidualAttentionBlock:
             raise ConfigError(f"export: unsupported block type {type(block).__name__}")
-    return nn.ModuleList(ExportBlock(b, attention) for b in transformer.resblocks)
+    last = len(transformer.resblocks) - 1
+    return nn.ModuleList(ExportBlock(b, attention, last=i == last) for i, b in enumerate(transformer.resblocks))
 
 
 def _normalized(emb: torch.Tensor) -> torch.Tensor:
@@ -192,12 +240,17 @@ class ImageTower(nn.Module):
         cls = self.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding  # (B, 1 + g*g, W)
         x = self.ln_pre(x)
-        for block in self.blocks:
-            x = block(x)
-        if self.final_ln_after_pool:
-            x = self.ln_post(self._pool(x))
+        if self.pool_type == "tok":  # LayerNorm is per token: pooling before or after ln_post agrees
+            for block in self.blocks[:-1]:
+                x = block(x)
+            x = self.ln_post(self.blocks[-1].forward_one(x))  # (B, W), the class token only
         else:
-            x = self._pool(self.ln_post(x))  # (B, W)
+            for block in self.blocks:
+                x = block(x)
+            if self.final_ln_after_pool:
+                x = self.ln_post(self._pool(x))
+            else:
+                x = self._pool(self.ln_post(x))  # (B, W)
         if self.proj is not None:
             x = x @ self.proj  # (B, D)
         return _normalized(x)
@@ -236,13 +289,14 @@ class TextTower(nn.Module):
         length = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:length]  # (B, L, W)
         mask = self.mask[:length, :length]
-        for block in self.blocks:
-            x = block(x, mask)
-        x = self.ln_final(x)
         # pool at the largest id (the end token); ids < 2**24 are exact in fp32
         pool = ids.float().argmax(dim=-1)  # (B,)
         rows = torch.arange(ids.shape[0], device=ids.device) * length + pool  # (B,) rows of (B * L, W)
-        x = x.flatten(0, 1).index_select(0, rows)  # (B, W)
+        for block in self.blocks[:-1]:
+            x = block(x, mask)
+        # the last block at the end token only; LayerNorm is per token, so pooling first agrees
+        x = self.blocks[-1].forward_one(x, rows, mask.index_select(0, pool)[:, None, None, :])
+        x = self.ln_final(x)  # (B, W)
         if self.text_projection is not None:
             x = x @ self.text_projection  # (B, D)
         return _normalized(x)

@@ -123,6 +123,30 @@ def test_text_graph_keeps_the_causal_mask(tiny_export):
     np.testing.assert_allclose(b, c, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+def test_last_block_at_the_pooled_token_only(tiny_model, attention):
+    """The towers run their last block for the pooled token only (ExportBlock.forward_one):
+    the class token, or one row per sample under the causal mask; it must equal the whole
+    block's output at that token."""
+    from export.towers import MASK_VALUE, build_towers
+
+    towers = build_towers(tiny_model, attention=attention)
+    image_block, text_block = towers["image"].blocks[-1], towers["text"].blocks[-1]
+    assert hasattr(text_block.attn, "q_proj") and not hasattr(towers["text"].blocks[0].attn, "q_proj")
+    width = text_block.ln_1.normalized_shape[0]
+    x = torch.randn(5, 9, width, generator=torch.Generator().manual_seed(0))
+    mask = torch.full((9, 9), MASK_VALUE).triu_(1)
+    pool = torch.tensor([8, 0, 3, 5, 1])
+    rows = torch.arange(5) * 9 + pool
+    with torch.no_grad():
+        full_text = text_block(x, mask).flatten(0, 1)[rows]
+        one_text = text_block.forward_one(x, rows, mask.index_select(0, pool)[:, None, None, :])
+        full_image, one_image = image_block(x)[:, 0], image_block.forward_one(x)
+    torch.testing.assert_close(one_text, full_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one_image, full_image, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(one_text, x.flatten(0, 1)[rows], atol=1e-3)  # the block did something
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_keeps_layernorm_and_softmax_fp32(tiny_checkpoint, tmp_path, precision):
     out = tmp_path / precision
