@@ -342,6 +342,9 @@ def eval_command(image_data, text_data, image_standard_path, output_dir, save_fe
 @click.option("--name", default=None, help="Run folder name under --logs.")
 @click.option("--precision", type=click.Choice(["amp", "amp_bf16", "fp32", "bf16", "fp16"]), default="fp32",
               show_default=True)
+@click.option("--knowledge-precision", type=click.Choice(["fp32", "amp"]), default="fp32", show_default=True,
+              help="How the knowledge refresh encodes the KB images and concept prompts: fp32 (the "
+                   "original's) or amp (fp16 autocast on CUDA, bf16 on the CPU).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (under torchrun: cuda).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")

@@ -247,6 +247,7 @@ class TrainConfig:
     workers: int = 0
     grad_clip: float | None = None
     precision: str = "fp32"
+    knowledge_precision: str = "fp32"  # the knowledge refresh's encoding: the original's fp32, or amp
     device: str = "cpu"
     seed: int = 0
     truncation: str = "original"
@@ -279,6 +280,8 @@ class TrainConfig:
         if self.precision in ("amp", "fp16") and not self.device.startswith("cuda"):
             raise ConfigError(f"--precision {self.precision} needs --device cuda (fp16 training with a "
                               "gradient scaler); on the CPU use fp32, bf16 or amp_bf16")
+        if self.knowledge_precision not in ("fp32", "amp"):
+            raise ConfigError(f"--knowledge-precision: expected fp32 or amp, got {self.knowledge_precision!r}")
         if self.report_to not in ("tensorboard", "none", ""):
             raise ConfigError(f"--report-to: expected tensorboard or none, got {self.report_to!r}")
         if self.resume is not None and self.openai_pretrained is not None:

@@ -154,7 +154,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
         # ---- knowledge: encode the KB and the concept prompts, retrieve 20, keep 10 by MMR
         if cfg.is_concept and (cfg.is_update or knowledge is None):
             t0 = time.perf_counter()
-            knowledge = refresh_knowledge(model, kb_archives, vocabs, ctx, cfg.eval_batch_size, device).to(device)
+            knowledge = refresh_knowledge(model, kb_archives, vocabs, ctx, cfg.eval_batch_size, device,
+                                          cfg.knowledge_precision).to(device)
             _log(writer, {"knowledge/refresh_s": time.perf_counter() - t0}, epoch * batches)
 
         model.train()
@@ -293,10 +294,11 @@ def _prototypes(knowledge: Knowledge, lookups: dict, batch, device: str) -> torc
 
 @torch.no_grad()
 def refresh_knowledge(model, kb_archives, vocabs: dict, ctx: DistContext, batch_size: int,
-                      device: str) -> Knowledge:
-    """Encode every KB image and concept prompt with the current weights (fp32, eval mode; each
-    rank a shard, gathered), then retrieve each concept's 20 nearest KB images over the WHOLE KB
-    and keep 10 by MMR (spec 3.3 with the stance of 6.7)."""
+                      device: str, precision: str = "fp32") -> Knowledge:
+    """Encode every KB image and concept prompt with the current weights (fp32 weights, eval mode;
+    each rank a shard, gathered), then retrieve each concept's 20 nearest KB images over the WHOLE
+    KB and keep 10 by MMR (spec 3.3 with the stance of 6.7). precision "fp32" encodes as the
+    original does; "amp" under autocast (fp16 on CUDA, bf16 on the CPU)."""
     from fklip.encode import encode_archive, encode_texts
     from fklip.knowledge import retrieve_concept_images
 
@@ -307,14 +309,14 @@ def refresh_knowledge(model, kb_archives, vocabs: dict, ctx: DistContext, batch_
     parts = []
     for archive, ids in kb_archives:
         lo, hi = shard_range(len(ids), ctx.rank, ctx.world_size)
-        local = encode_archive(model, archive, batch_size, device, ids[lo:hi])
+        local = encode_archive(model, archive, batch_size, device, ids[lo:hi], precision=precision)
         parts.append(gather_rows(torch.from_numpy(local), len(ids), ctx))
     kb_emb = torch.cat(parts)  # (M, D)
     retrieved = {}
     for kind, (vocab, tok) in vocabs.items():
         prompts = [text for _, text in vocab.prompts]
         lo, hi = shard_range(len(prompts), ctx.rank, ctx.world_size)
-        local = encode_texts(model, tok, prompts[lo:hi], batch_size, device)
+        local = encode_texts(model, tok, prompts[lo:hi], batch_size, device, precision=precision)
         concept_emb = gather_rows(torch.from_numpy(local), len(prompts), ctx)  # (C, D)
         retrieved[kind] = retrieve_concept_images(concept_emb.to(device), kb_emb.to(device)).cpu()
     model.to(dtype)

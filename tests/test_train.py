@@ -123,6 +123,31 @@ def test_pretrained_weights_do_not_inherit_their_epoch(tmp_path, demo, tiny_mode
     assert (tmp_path / "p" / "checkpoints" / "epoch_1.pt").exists()
 
 
+def test_knowledge_precision_amp(tmp_path, demo, tiny_model):
+    """--knowledge-precision amp encodes the refresh under autocast (bf16 on the CPU): KB features
+    close to fp32's but not identical, fp32 weights afterwards; a run records it and trains."""
+    from fklip.data.archive import ImageArchive
+    from fklip.distributed import DistContext
+    from fklip.knowledge import load_vocabulary
+    from fklip.model import ModelSpec, build_tokenizer
+    from fklip.train import refresh_knowledge
+
+    vocabs = {"data": (load_vocabulary(demo.concept_queries, demo.concept_fathers),
+                       build_tokenizer(ModelSpec.from_name("fklip-tiny")))}
+    with ImageArchive(demo.kb_images) as kb:
+        fp32, amp = (refresh_knowledge(tiny_model, [(kb, list(kb.ids))], vocabs, DistContext(), 16, "cpu", p)
+                     for p in ("fp32", "amp"))
+    cosines = (fp32.kb_emb * amp.kb_emb).sum(1)
+    assert cosines.min() > 0.99 and not torch.equal(fp32.kb_emb, amp.kb_emb)
+    assert fp32.retrieved["data"].shape == amp.retrieved["data"].shape
+    assert next(tiny_model.parameters()).dtype == torch.float32
+    r = invoke(train_args(demo, tmp_path, "k", *KNOWLEDGE, "--knowledge-precision", "amp", epochs=1))
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "k" / "params.json").read_text())["knowledge_precision"] == "amp"
+    r = invoke(train_args(demo, tmp_path, "l", "--knowledge-precision", "fp16"))
+    assert r.exit_code == 2 and "--knowledge-precision" in r.output and not (tmp_path / "l").exists()
+
+
 def test_bad_inputs(tmp_path, demo):
     r = invoke(train_args(demo, tmp_path, "b", batch=1000))
     assert r.exit_code == 2 and "--batch-size 1000" in r.output and "larger than" in r.output
