@@ -13,7 +13,7 @@ exported graph is explicit about precision and shapes:
 - Batch and text length are dynamic; the text tower pools at the largest id (the end token).
 - Both towers pool one token (the image's class token, the text's end token), so the last block
   computes only that token's query, attention output and MLP (keys and values from every
-  token): the same features, and 1/12 of ViT-B/32's blocks mostly skipped.
+  token): the same features, with about 7% fewer multiply-adds on ViT-B/32.
 - Optionally the image tower takes uint8 (B, H, W, 3) pixels and folds the CLIP normalisation
   into one multiply-add per channel.
 
@@ -162,7 +162,8 @@ class ExportBlock(nn.Module):
         return (xq + self.ls_2(self.mlp(self.ln_2(xq)))).squeeze(1)
 
 
-def _blocks(transformer, attention: str) -> nn.ModuleList:
+def _blocks(transformer, attention: str, one_token_last: bool) -> nn.ModuleList:
+    """The transformer's blocks; with one_token_last, the last one ready for `forward_one`."""
     from open_clip.transformer import ResidualAttentionBlock
 
     if not transformer.batch_first:
@@ -170,7 +171,7 @@ def _blocks(transformer, attention: str) -> nn.ModuleList:
     for block in transformer.resblocks:
         if type(block) is not ResidualAttentionBlock:
             raise ConfigError(f"export: unsupported block type {type(block).__name__}")
-    last = len(transformer.resblocks) - 1
+    last = len(transformer.resblocks) - 1 if one_token_last else -1
     return nn.ModuleList(ExportBlock(b, attention, last=i == last) for i, b in enumerate(transformer.resblocks))
 
 
@@ -213,7 +214,7 @@ class ImageTower(nn.Module):
         self.class_embedding = nn.Parameter(visual.class_embedding.detach().clone())
         self.positional_embedding = nn.Parameter(visual.positional_embedding.detach().clone())
         self.ln_pre = _layer_norm(visual.ln_pre, attention) if isinstance(visual.ln_pre, nn.LayerNorm) else nn.Identity()
-        self.blocks = _blocks(visual.transformer, attention)
+        self.blocks = _blocks(visual.transformer, attention, one_token_last=self.pool_type == "tok")
         self.ln_post = _layer_norm(visual.ln_post, attention)
         self.proj = nn.Parameter(visual.proj.detach().clone()) if visual.proj is not None else None
         # uint8 pixels: x / 255 then (x - mean) / std, folded into x * scale + shift (fp32)
@@ -274,7 +275,7 @@ class TextTower(nn.Module):
         self.dtype = DTYPES[precision]
         self.token_embedding = copy.deepcopy(model.token_embedding)
         self.positional_embedding = nn.Parameter(model.positional_embedding.detach().clone())
-        self.blocks = _blocks(model.transformer, attention)
+        self.blocks = _blocks(model.transformer, attention, one_token_last=True)
         self.ln_final = _layer_norm(model.ln_final, attention)
         proj = model.text_projection
         if isinstance(proj, nn.Linear):
