@@ -92,7 +92,9 @@ def random_model(name: str, folder: Path):
 
 
 def write_uint8_archive(path: Path, n: int, size: int, pool: int = 256) -> list[str]:
-    """n uint8 (size, size, 3) images (a pool of random ones, repeated): content does not change
+    """n uint8 (size, size, 3) images: a pool of random ones, repeated, each with its number
+    written into its first pixels so that no two are equal (repeated images would give tied
+    features, and every row of a search would take top-k's tie path). Content does not change
     the speed of a tower."""
     from fklip.data.archive import ArchiveWriter
 
@@ -101,7 +103,9 @@ def write_uint8_archive(path: Path, n: int, size: int, pool: int = 256) -> list[
     ids = [str(100000 + i) for i in range(n)]
     with ArchiveWriter(path) as w:
         for i, image_id in enumerate(ids):
-            w.add(image_id, images[i % len(images)])
+            image = images[i % len(images)]
+            image[0, :4] = np.frombuffer(i.to_bytes(12, "little"), np.uint8).reshape(4, 3)  # in place
+            w.add(image_id, image)
     return ids
 
 

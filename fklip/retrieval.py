@@ -46,6 +46,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 _LOW32 = 0xFFFFFFFF  # the low half of a key holds _LOW32 - index, so a lower index is a larger key
 _SHIFT = 1 << 32
+_NO_KEY = torch.iinfo(torch.int64).min  # below every key (keys are > -2**31 * _SHIFT)
 # "auto": the fused Triton kernel (fklip.fused_topk) for fp16/bf16 on CUDA where it applies.
 METHODS = ("auto", "torch", "fused")
 # Largest score tile (query rows, gallery rows): 256 MiB of float32. Big tiles amortise the per-row
@@ -170,14 +171,35 @@ def _chunk_top_keys(scores: Tensor, m: int, offset: int) -> Tensor:
         # take them all, re-rank the row over the whole chunk with exact keys.
         rows = torch.nonzero(values[:, m] == values[:, m - 1]).flatten()
         if rows.numel():
-            keys[rows] = _exact_row_keys(scores[rows], m, offset)
+            keys[rows] = _exact_row_keys(_rows_of(scores, rows), m, offset, values[rows, :m], keys[rows])
     return keys
 
 
-def _exact_row_keys(scores: Tensor, m: int, offset: int) -> Tensor:
-    """The slow exact path for a few rows (r, g): keys for every entry, then topk: (r, m)."""
-    index = torch.arange(offset, offset + scores.shape[1], device=scores.device)
-    return torch.topk(_keys_from(scores, index), m, dim=1).values
+def _rows_of(scores: Tensor, rows: Tensor) -> Tensor:
+    """scores[rows], without the copy when that is every row (a tile of tied rows)."""
+    return scores if rows.numel() == scores.shape[0] else scores[rows]
+
+
+def _exact_row_keys(scores: Tensor, m: int, offset: int, values: Tensor, keys: Tensor) -> Tensor:
+    """The exact path for rows (r, g) whose m-th best value is tied beyond the cut: every entry
+    above it, then the entries equal to it in index order (the tie rule), as keys (r, m) in any
+    order. `values` (r, m) are the m best values found, so `values[:, -1]` is the row's m-th
+    value and every entry above it is among them; `keys` are their keys.
+
+    The entries equal to the m-th value come from an int32 rank per entry (its position where
+    the score reaches the m-th value) and a topk over the ranks; only m entries get keys, not the
+    whole row. On features where every row ties (4,096 x 32,528, 256 images each repeated), int64
+    keys for every entry made `topk_chunked` take 3.05 s; this takes 0.73 s (no ties: 0.32 s).
+    """
+    kth = values[:, -1:]  # (r, 1)
+    index = torch.arange(scores.shape[1], device=scores.device, dtype=torch.int32)
+    rank = torch.where(scores >= kth, index, torch.iinfo(torch.int32).max)  # (r, g)
+    pos = torch.topk(rank, m, dim=1, largest=False).indices  # the m first entries >= kth: (r, m)
+    found = scores.gather(1, pos)
+    # ties from the scan, entries above from the keys given: each entry once, at least m in all
+    ties = torch.where(found == kth, _keys_from(found, pos + offset), _NO_KEY)
+    above = torch.where(values > kth, keys, _NO_KEY)
+    return torch.topk(torch.cat([above, ties], dim=1), m, dim=1).values
 
 
 def _group_size(n: int, m: int) -> int:
@@ -220,7 +242,7 @@ def _top_keys(scores: Tensor, m: int, offset: int) -> Tensor:
     redo = (values[:, m] == values[:, m - 1]) | (values[:, m - 1] <= top_max[:, m])
     rows = torch.nonzero(redo).flatten()
     if rows.numel():
-        keys[rows] = _exact_row_keys(scores[rows], m, offset)
+        keys[rows] = _exact_row_keys(_rows_of(scores, rows), m, offset, values[rows, :m], keys[rows])
     return keys
 
 

@@ -77,6 +77,20 @@ def test_topk_all_tied_keeps_gallery_order():
     assert torch.all(values == 4.0)
 
 
+@pytest.mark.parametrize("k", [1, 7, 30])
+def test_topk_every_row_tied_matches_reference(k):
+    """A gallery of 40 vectors each repeated 25 times (as an eval set with duplicate images): every
+    row of every tile takes the exact tie path (whole tiles at once), with entries above the tied
+    value and ties straddling the cut; both functions, both directions, against the reference."""
+    queries = grid_features(70, 6, levels=2, seed=3)
+    gallery = grid_features(40, 6, levels=2, seed=4).repeat(25, 1)  # row i == row i + 40 == ...
+    assert_same(topk_chunked(queries, gallery, k, query_chunk=32, gallery_chunk=300),
+                topk_reference(queries, gallery, k))
+    forward, backward = topk_both_ways(queries, gallery, k, query_chunk=32, gallery_chunk=300)
+    assert_same(forward, topk_reference(queries, gallery, k))
+    assert_same(backward, topk_reference(gallery, queries, k))
+
+
 def test_topk_negative_zero_ties_with_positive_zero():
     queries = torch.tensor([[1.0], [-1.0]])
     gallery = torch.tensor([[-0.0], [0.0], [-0.0], [-1.0], [2.0]])
