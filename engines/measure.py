@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fklip.bench import timed
+from fklip.bench import timed_quietly
 
 MODALITIES = ("images", "texts")
 
@@ -119,12 +119,9 @@ def make_exports(ckpt: Path, tmp: Path, precisions: Sequence[str], int8: bool = 
     return folders, facts
 
 
-def one_pass(encode: Callable, x: np.ndarray, batch: int) -> tuple[float, float, np.ndarray]:
-    """Wall seconds for all of `x` in batches, the share of the CPUs other processes used
-    meanwhile (0.5: one of two cores busy), and the (N, D) embeddings."""
-    parts: list[np.ndarray] = []
-    wall, other = timed(lambda: parts.extend(encode(x[i:i + batch]) for i in range(0, len(x), batch)))
-    return wall, other, np.concatenate(parts)
+def encode_all(encode: Callable, x: np.ndarray, batch: int) -> np.ndarray:
+    """All of `x` through `encode` in batches: the (N, D) embeddings."""
+    return np.concatenate([encode(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 def measure(backends: list[Backend], inputs: dict[str, np.ndarray], batch: int, repeats: int,
@@ -139,22 +136,21 @@ def measure(backends: list[Backend], inputs: dict[str, np.ndarray], batch: int, 
     for b in backends:
         for modality, x in inputs.items():
             if b.full_warmup:
-                one_pass(b.encoder(modality), x, batch)
+                encode_all(b.encoder(modality), x, batch)
             else:
                 b.encoder(modality)(x[:batch])
     for _ in range(repeats):
         for modality, x in inputs.items():
             for b in backends:
-                for attempt in range(retries + 1):
-                    time.sleep(settle_s)
-                    seconds, share, emb = one_pass(b.encoder(modality), x, batch)
-                    if share <= max_other or seconds < 1.0 or attempt == retries:
-                        break
-                    b.retaken[modality] += 1
-                    time.sleep(wait_s)
+                embs: list[np.ndarray] = []
+                encode = b.encoder(modality)
+                seconds, share, retakes = timed_quietly(
+                    lambda out=embs, encode=encode, x=x: out.append(encode_all(encode, x, batch)),
+                    max_other=max_other, retries=retries, wait_s=wait_s, settle_s=settle_s)
+                b.retaken[modality] += retakes
                 b.seconds[modality].append(seconds)
                 b.other[modality].append(share)
-                b.emb.setdefault(modality, emb)
+                b.emb.setdefault(modality, embs[-1])
 
 
 def cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:

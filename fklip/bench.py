@@ -52,6 +52,22 @@ def timed(run: Callable[[], object], device: str | torch.device = "cpu") -> tupl
     return wall, min(1.0, max(0.0, other / (wall * (os.cpu_count() or 1))))  # ticks of 10 ms: clamp
 
 
+def timed_quietly(run: Callable[[], object], device: str | torch.device = "cpu", max_other: float = 1.0,
+                  retries: int = 0, wait_s: float = 0.0, settle_s: float = 0.0) -> tuple[float, float, int]:
+    """`timed(run, device)`, each try after `settle_s` seconds idle, retaken after `wait_s` while
+    other processes used more than `max_other` of the CPUs: at most `retries` times, the last try
+    kept whatever the load, and runs under a second never retaken (/proc/stat counts in ticks of
+    10 ms). Returns (seconds, other processes' CPU share, retakes)."""
+    attempt = 0
+    while True:
+        time.sleep(settle_s)
+        seconds, share = timed(run, device)
+        if share <= max_other or seconds < 1.0 or attempt >= retries:
+            return seconds, share, attempt
+        attempt += 1
+        time.sleep(wait_s)
+
+
 def measure_variants(variants: dict[str, Callable[[], object]], repeats: int, device: str | torch.device = "cpu",
                      max_other: float = 1.0, retries: int = 0, wait_s: float = 0.0) -> tuple[dict, dict, dict]:
     """Warm every variant up once, then `repeats` rounds of all variants in turn. A run during
@@ -67,12 +83,8 @@ def measure_variants(variants: dict[str, Callable[[], object]], repeats: int, de
     discarded = {name: 0 for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
-            for attempt in range(retries + 1):
-                seconds, share = timed(run, device)
-                if share <= max_other or seconds < 1.0 or attempt == retries:
-                    break
-                discarded[name] += 1
-                time.sleep(wait_s)
+            seconds, share, retakes = timed_quietly(run, device, max_other, retries, wait_s)
+            discarded[name] += retakes
             times[name].append(seconds)
             other[name].append(share)
     return times, other, discarded
