@@ -6,8 +6,10 @@ rank order, so a sharded computation reproduces the single-process one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,19 @@ def shutdown(ctx: DistContext, finished: bool = False) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[DistContext]:
+    """`init_distributed(device)` for the block, then `shutdown`, finished when the block raised
+    nothing."""
+    ctx = init_distributed(device)
+    finished = False
+    try:
+        yield ctx
+        finished = True
+    finally:
+        shutdown(ctx, finished)
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:

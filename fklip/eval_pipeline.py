@@ -21,9 +21,8 @@ from fklip.config import EvalConfig, check_device
 from fklip.distributed import (
     DistContext,
     gather_rows,
-    init_distributed,
+    process_group,
     shard_range,
-    shutdown,
 )
 from fklip.evaluate import (
     OUTPUT_NAMES,
@@ -83,14 +82,8 @@ def run_eval(cfg: EvalConfig, make_encoder=None) -> dict | None:
     fklip.encode.TorchEncoder, the default: the checkpoint with plain PyTorch); the CLI passes
     the engines' for --engine. `device` is this process's (cuda:LOCAL_RANK under torchrun).
     """
-    ctx = init_distributed(cfg.encode.device)
-    finished = False
-    try:
-        result = _run(cfg, ctx, make_encoder)
-        finished = True
-        return result
-    finally:
-        shutdown(ctx, finished)
+    with process_group(cfg.encode.device) as ctx:
+        return _run(cfg, ctx, make_encoder)
 
 
 def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fklip.config import TrainConfig, check_device
-from fklip.distributed import DistContext, gather_rows, init_distributed, shard_range, shutdown
+from fklip.distributed import DistContext, gather_rows, process_group, shard_range
 from fklip.errors import ConfigError, FklipError
 
 logger = logging.getLogger(__name__)
@@ -45,14 +45,8 @@ class Knowledge:
 
 def run_train(cfg: TrainConfig, stop_after: int | None = None) -> dict | None:
     """Train; rank 0 returns a summary. `stop_after` ends this invocation after that many epochs."""
-    ctx = init_distributed(cfg.device)
-    finished = False
-    try:
-        result = _train(cfg, ctx, stop_after)
-        finished = True
-        return result
-    finally:
-        shutdown(ctx, finished)
+    with process_group(cfg.device) as ctx:
+        return _train(cfg, ctx, stop_after)
 
 
 def run_name(cfg: TrainConfig) -> str:
