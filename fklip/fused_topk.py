@@ -76,10 +76,10 @@ def resolve_method(queries: Tensor, gallery, k: int, gallery_chunk: int, method:
 def _keys_of(values: Tensor, index: Tensor, offset: int) -> Tensor:
     """`topk_kernel.fused_topk`'s output as fklip.retrieval keys (q, S*k); a split's missing
     entries (index -1) get the smallest key, below every real one."""
-    from fklip.retrieval import _keys_from
+    from fklip.retrieval import _NO_KEY, _keys_from
 
     keys = _keys_from(values, index + offset)
-    return keys.masked_fill_(index < 0, torch.iinfo(torch.int64).min)
+    return keys.masked_fill_(index < 0, _NO_KEY)
 
 
 def search_fused(queries: Tensor, gallery, k: int, query_chunk: int, gallery_chunk: int,

@@ -169,15 +169,20 @@ def _chunk_top_keys(scores: Tensor, m: int, offset: int) -> Tensor:
     if extra:
         # topk's choice among the scores equal to the m-th value is arbitrary; where it could not
         # take them all, re-rank the row over the whole chunk with exact keys.
-        rows = torch.nonzero(values[:, m] == values[:, m - 1]).flatten()
-        if rows.numel():
-            keys[rows] = _exact_row_keys(_rows_of(scores, rows), m, offset, values[rows, :m], keys[rows])
+        _redo_tied(keys, scores, values, values[:, m] == values[:, m - 1], offset)
     return keys
 
 
-def _rows_of(scores: Tensor, rows: Tensor) -> Tensor:
-    """scores[rows], without the copy when that is every row (a tile of tied rows)."""
-    return scores if rows.numel() == scores.shape[0] else scores[rows]
+def _redo_tied(keys: Tensor, scores: Tensor, values: Tensor, tied: Tensor, offset: int) -> None:
+    """Replace `keys` (q, m) in the rows where `tied` (q,) with `_exact_row_keys` over the whole
+    row of `scores` (q, g); `values` (q, >= m) are the best values found. A tile whose rows all
+    tie is used as it is, not copied."""
+    rows = torch.nonzero(tied).flatten()
+    if not rows.numel():
+        return
+    m = keys.shape[1]
+    sub = scores if rows.numel() == scores.shape[0] else scores[rows]
+    keys[rows] = _exact_row_keys(sub, m, offset, values[rows, :m], keys[rows])
 
 
 def _exact_row_keys(scores: Tensor, m: int, offset: int, values: Tensor, keys: Tensor) -> Tensor:
@@ -239,10 +244,8 @@ def _top_keys(scores: Tensor, m: int, offset: int) -> Tensor:
     values, pos = torch.topk(scores.gather(1, cols), m + 1, dim=1)  # (q, m + 1)
     _check_scores(values)
     keys = _keys_from(values[:, :m], cols.gather(1, pos[:, :m]) + offset)  # (q, m)
-    redo = (values[:, m] == values[:, m - 1]) | (values[:, m - 1] <= top_max[:, m])
-    rows = torch.nonzero(redo).flatten()
-    if rows.numel():
-        keys[rows] = _exact_row_keys(_rows_of(scores, rows), m, offset, values[rows, :m], keys[rows])
+    tied = (values[:, m] == values[:, m - 1]) | (values[:, m - 1] <= top_max[:, m])
+    _redo_tied(keys, scores, values, tied, offset)
     return keys
 
 
