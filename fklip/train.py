@@ -149,7 +149,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
         if cfg.is_concept and (cfg.is_update or knowledge is None):
             t0 = time.perf_counter()
             knowledge = refresh_knowledge(model, kb_archives, vocabs, ctx, cfg.eval_batch_size, device,
-                                          cfg.knowledge_precision).to(device)
+                                          cfg.knowledge_precision)
             _log(writer, {"knowledge/refresh_s": time.perf_counter() - t0}, epoch * batches)
 
         model.train()
@@ -292,7 +292,8 @@ def refresh_knowledge(model, kb_archives, vocabs: dict, ctx: DistContext, batch_
     """Encode every KB image and concept prompt with the current weights (fp32 weights, eval mode;
     each rank a shard, gathered), then retrieve each concept's 20 nearest KB images over the WHOLE
     KB and keep 10 by MMR (spec 3.3 with the stance of 6.7). precision "fp32" encodes as the
-    original does; "amp" under autocast (fp16 on CUDA, bf16 on the CPU)."""
+    original does; "amp" under autocast (fp16 on CUDA, bf16 on the CPU). The knowledge is
+    returned on `device`, where training gathers from it."""
     from fklip.encode import encode_archive, encode_texts
     from fklip.knowledge import retrieve_concept_images
 
@@ -305,14 +306,14 @@ def refresh_knowledge(model, kb_archives, vocabs: dict, ctx: DistContext, batch_
         lo, hi = shard_range(len(ids), ctx.rank, ctx.world_size)
         local = encode_archive(model, archive, batch_size, device, ids[lo:hi], precision=precision)
         parts.append(gather_rows(torch.from_numpy(local), len(ids), ctx))
-    kb_emb = torch.cat(parts)  # (M, D)
+    kb_emb = torch.cat(parts).to(device)  # (M, D)
     retrieved = {}
     for kind, (vocab, tok) in vocabs.items():
         prompts = [text for _, text in vocab.prompts]
         lo, hi = shard_range(len(prompts), ctx.rank, ctx.world_size)
         local = encode_texts(model, tok, prompts[lo:hi], batch_size, device, precision=precision)
         concept_emb = gather_rows(torch.from_numpy(local), len(prompts), ctx)  # (C, D)
-        retrieved[kind] = retrieve_concept_images(concept_emb.to(device), kb_emb.to(device)).cpu()
+        retrieved[kind] = retrieve_concept_images(concept_emb.to(device), kb_emb)
     model.to(dtype)
     model.train(was_training)
     return Knowledge(kb_emb, retrieved)
