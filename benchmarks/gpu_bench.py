@@ -151,8 +151,9 @@ def openclip_image_pass(model, archive, ids: list, batch: int, device: str, auto
 
 def openclip_text_pass(model, ids: np.ndarray, batch: int, device: str, autocast: bool) -> np.ndarray:
     """open_clip's encode_text over the full context, as users run it."""
-    encode = _open_clip(model, device, autocast).encode_texts
-    return np.concatenate([encode(ids[i:i + batch]) for i in range(0, len(ids), batch)])
+    from engines.measure import encode_all
+
+    return encode_all(_open_clip(model, device, autocast).encode_texts, ids, batch)
 
 
 def engine_variants(ckpt: Path, device: str, small: bool) -> dict:
