@@ -5,7 +5,7 @@ It computes what `fklip.encode` computes (uint8 pixels normalised on the device 
 runners are compared with, and the baseline their speed is measured against.
 
 Fused towers (`fused=True`): the towers `fklip export` re-states (export.towers: one QKV
-projection, F.scaled_dot_product_attention, causal for the text tower, so CUDA runs flash
+projection per block, the last block at the pooled token only, F.scaled_dot_product_attention, causal for the text tower, so CUDA runs flash
 attention; LayerNorm statistics and the final normalisation in fp32) instead of open_clip's modules, with
 weights in the precision's dtype (fp32, fp16 or bf16). The same weights, so the same function up
 to rounding; tests compare them with the open_clip path.

@@ -130,7 +130,7 @@ def _encode_options(f):
         click.option("--compile", "compile_", is_flag=True, help="--engine torch: torch.compile the towers."),
         click.option("--cuda-graphs", is_flag=True, help="--engine torch on CUDA: replay captured CUDA graphs."),
         click.option("--fused", is_flag=True,
-                     help="--engine torch: fklip's towers (one QKV matmul, SDPA/flash attention) with "
+                     help="--engine torch: fklip's towers (SDPA/flash attention, last block at the pooled token) with "
                           "weights in --precision fp32, fp16 or bf16."),
         click.option("--model", default=None,
                      help="Architecture for checkpoints that do not record one (see `fklip data models`)."),
