@@ -78,6 +78,17 @@ def check_graph(path: Path, spec: TowerSpec, expected_layernorms: int | None = N
         problems.append(f"{len(norms)} LayerNormalization nodes, expected {expected_layernorms}")
     if any(n.op_type == "ReduceMean" for n in graph.node) and not norms:
         problems.append("LayerNorm was decomposed into ReduceMean nodes")
+    # what TensorRT's ONNX parser refuses: If nodes (their branches here differ in rank) and
+    # uint8 tensors anywhere but a network input cast straight away
+    ifs = [n.name or n.op_type for n in graph.node if n.op_type == "If"]
+    if ifs:
+        problems.append(f"{len(ifs)} If node(s) ({', '.join(ifs[:3])}): a data-dependent "
+                        f"branch that TensorRT would build as a conditional")
+    uint8_inputs = {t.name for t in graph.input if t.type.tensor_type.elem_type == _ONNX_DTYPES["uint8"]}
+    for n in graph.node:
+        if uint8_inputs & set(n.input) and n.op_type != "Cast":
+            problems.append(f"uint8 input {min(uint8_inputs & set(n.input))!r} feeds a "
+                            f"{n.op_type} node; TensorRT takes uint8 only into a Cast")
     for tensors, expected in ((graph.input, spec.inputs), (graph.output, spec.outputs)):
         actual = {t.name: t for t in tensors}
         for want in expected:

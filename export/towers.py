@@ -159,7 +159,9 @@ class ExportBlock(nn.Module):
             xq = x.flatten(0, 1).index_select(0, rows).unsqueeze(1)
             hq = h.flatten(0, 1).index_select(0, rows).unsqueeze(1)
         xq = xq + self.ls_1(self.attn.attend_one(h, hq, mask))
-        return (xq + self.ls_2(self.mlp(self.ln_2(xq)))).squeeze(1)
+        # [:, 0], not squeeze(1): the tracer cannot prove that dim is 1 and writes an If node
+        # whose branches differ in rank, which TensorRT's ONNX parser refuses
+        return (xq + self.ls_2(self.mlp(self.ln_2(xq))))[:, 0]
 
 
 def _blocks(transformer, attention: str, one_token_last: bool) -> nn.ModuleList:
@@ -226,8 +228,9 @@ class ImageTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.uint8_input:
-            # (B, H, W, 3) uint8 -> (B, 3, H, W) normalised fp32
-            pixels = pixels.permute(0, 3, 1, 2).float() * self.pixel_scale + self.pixel_shift
+            # (B, H, W, 3) uint8 -> (B, 3, H, W) normalised fp32; cast first: TensorRT takes
+            # uint8 only as a network input into a Cast (no uint8 Transpose)
+            pixels = pixels.float().permute(0, 3, 1, 2) * self.pixel_scale + self.pixel_shift
         return self.embed(pixels)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ def test_graph_structure(tiny_export, tiny_spec):
         layers = 2  # fklip-tiny: 2 blocks per tower, 2 LayerNorms each, plus pre/post or final
         assert ops.count("LayerNormalization") == 2 * layers + (2 if tower == "image" else 1)
         assert "ReduceMean" not in ops  # LayerNorm not decomposed
+        assert "If" not in ops  # TensorRT's parser refuses the If a traced squeeze(1) writes
         (graph_in,), (graph_out,) = model.graph.input, model.graph.output
         assert graph_in.name == inp and graph_out.name == out_name
         in_dims = [d.dim_param or d.dim_value for d in graph_in.type.tensor_type.shape.dim]
@@ -194,6 +195,8 @@ def test_uint8_input_and_int64_ids(tiny_checkpoint, tiny_model, small_demo, tmp_
     assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == \
         ["image_batch", 64, 64, 3]
     assert onnx.load(str(out / "text.onnx")).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    # TensorRT takes uint8 only as a network input into a Cast
+    assert {n.op_type for n in model.graph.node if "pixels" in n.input} == {"Cast"}
     with ImageArchive(small_demo.val_images) as archive:
         batch = archive.read_batch(list(archive.ids)[:9])
         encoding = archive.encoding
@@ -205,6 +208,42 @@ def test_uint8_input_and_int64_ids(tiny_checkpoint, tiny_model, small_demo, tmp_
     with torch.no_grad():
         ref = F.normalize(tiny_model.encode_image(model_input_from_batch(batch, "uint8_hwc")), dim=-1).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_check_graph_refuses_what_tensorrt_cannot_parse(tmp_path):
+    """check_graph names an If node and a uint8 input that feeds anything but a Cast: the two
+    things a traced export wrote that TensorRT's ONNX parser refuses."""
+    from onnx import TensorProto, helper
+
+    from export.onnx_export import ExportError, check_graph
+    from export.specs import image_tower_spec
+
+    spec = image_tower_spec(8, 4, uint8_input=True)
+    pixels = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["image_batch", 8, 8, 3])
+    emb = helper.make_tensor_value_info("image_emb", TensorProto.FLOAT, ["image_batch", 4])
+    tail = [helper.make_node("Flatten", ["chw"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "proj"], ["image_emb"])]
+    inits = [helper.make_tensor("proj", TensorProto.FLOAT, [192, 4], [0.01] * 768)]
+    branch = helper.make_graph([helper.make_node("Identity", ["chw"], ["b"])], "branch", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+
+    def write(name, head, extra=()):
+        graph = helper.make_graph(head + list(extra) + tail, name, [pixels], [emb], inits)
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    cast_first = [helper.make_node("Cast", ["pixels"], ["f"], to=TensorProto.FLOAT),
+                  helper.make_node("Transpose", ["f"], ["chw"], perm=[0, 3, 1, 2])]
+    check_graph(write("good", cast_first), spec)  # the shape the exporter now writes
+    transpose_first = [helper.make_node("Transpose", ["pixels"], ["t"], perm=[0, 3, 1, 2]),
+                       helper.make_node("Cast", ["t"], ["chw"], to=TensorProto.FLOAT)]
+    with pytest.raises(ExportError, match="uint8 input 'pixels' feeds a Transpose node"):
+        check_graph(write("u8", transpose_first), spec)
+    cond = [helper.make_node("Constant", [], ["c"], value=helper.make_tensor("v", TensorProto.BOOL, [], [True])),
+            helper.make_node("If", ["c"], ["unused"], then_branch=branch, else_branch=branch)]
+    with pytest.raises(ExportError, match=r"1 If node\(s\)"):
+        check_graph(write("cond", cast_first, cond), spec)
 
 
 def test_failed_parity_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
