@@ -192,7 +192,8 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
             for engine, precision in runs:
                 runner = stack.enter_context(build_runner(_runner_config(engine, precision, cfg, ckpt, folders)))
                 backends.append(Backend(f"{engine} {precision}", runner.encode_images, runner.encode_texts,
-                                        full_warmup=engine == "torch" and cfg.compile))
+                                        # every shape compiled / captured before timing
+                                        full_warmup=engine == "torch" and (cfg.compile or cfg.cuda_graphs)))
             facts["setup_s"] = round(time.perf_counter() - started, 1)
             started = time.perf_counter()
             logger.info("measuring %s against %s: %s", spec.name, BASELINES["cuda" if cuda else "cpu"],

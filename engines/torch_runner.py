@@ -201,7 +201,11 @@ class TorchRunner:
                 fn(static_in)
         torch.cuda.current_stream(x.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(x.device), torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the pipeline's reader thread pins host memory and copies on its own
+        # stream while this thread captures; "global" mode makes those calls fail and
+        # invalidates the capture (pytorch#174724)
+        with torch.cuda.device(x.device), torch.cuda.graph(graph, pool=self._pool,
+                                                            capture_error_mode="thread_local"):
             static_out = fn(static_in)
         return graph, static_in, static_out
 

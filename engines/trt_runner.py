@@ -294,8 +294,9 @@ class TrtRunner:
         if any(d < 0 for d in shape):
             raise FklipError(f"{t.plan}: the output shape of {t.output_name!r} is unresolved: {shape}")
         out = torch.empty(shape, dtype=t.output_dtype, device=self._device)
-        ctx.set_tensor_address(t.input_name, chunk.data_ptr())
-        ctx.set_tensor_address(t.output_name, out.data_ptr())
+        for name, tensor in ((t.input_name, chunk), (t.output_name, out)):
+            if not ctx.set_tensor_address(name, tensor.data_ptr()):
+                raise FklipError(f"{t.plan}: TensorRT rejected the address of {name!r} (errors logged above)")
         current = torch.cuda.current_stream(self._device)
         self._stream.wait_stream(current)  # the input was written on the current stream
         if not ctx.execute_async_v3(self._stream.cuda_stream):

@@ -3,11 +3,11 @@
 The builder is used the TensorRT 10/11 way: a strongly typed network (TensorRT 11 builds no
 other kind; the fp16/bf16 graphs carry their own casts, so no precision flags are set), the
 ONNX parser reading the file (external weights resolve beside it), one optimisation profile
-from `ShapeRange`s, a timing cache shared by every build in an export folder, and
+from `ShapeRange`s, a timing cache per GPU and TensorRT version in an export folder, and
 `build_serialized_network`. Engines are not portable across GPUs or TensorRT versions, so each
 lives under a key naming both:
 
-    <export folder>/engines/timing.cache
+    <export folder>/engines/timing-<gpu>-sm<cc>-trt<version>.cache
     <export folder>/engines/<key>/<tower>.plan
     <export folder>/engines/<key>/engine.json   # the key's parts, the plan's size, the build report
 
@@ -18,6 +18,7 @@ import them inside.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,7 +41,6 @@ from fklip.io import atomic_output, write_json
 logger = logging.getLogger(__name__)
 
 ENGINES_DIR = "engines"
-TIMING_CACHE = "timing.cache"
 ENGINE_RECORD = "engine.json"
 MIN_TRT_MAJOR = 10
 # The engine.json fields that must equal the current ones for an engine to be reused.
@@ -89,9 +89,13 @@ def engine_paths(engine_dir: str | os.PathLike, key: str, tower: str) -> tuple[P
     return folder / f"{tower}.plan", folder / ENGINE_RECORD
 
 
-def timing_cache_path(engine_dir: str | os.PathLike) -> Path:
-    """The timing cache that every build in an export folder shares."""
-    return Path(engine_dir) / ENGINES_DIR / TIMING_CACHE
+def timing_cache_path(engine_dir: str | os.PathLike, facts: dict) -> Path:
+    """The timing cache that the builds in an export folder share on one kind of GPU and one
+    TensorRT version: TensorRT refuses a cache from another device, so one file for all would
+    be thrown away and overwritten each time the folder moves between two GPUs."""
+    sm = "sm" + re.sub(r"[^0-9]", "", str(facts["compute_capability"]))
+    name = f"timing-{_slug(facts['gpu_name'])}-{sm}-trt{_slug(facts['trt_version'])}.cache"
+    return Path(engine_dir) / ENGINES_DIR / name
 
 
 def rebuild_reason(plan_path: Path, record_path: Path, expected: dict) -> str | None:
@@ -364,10 +368,39 @@ def load_or_build_engine(engine_dir: str | os.PathLike, tower: str, onnx_path: s
     if reason is None:
         log.info("Using the cached %s engine %s", tower, plan_path)
         return plan_path, key, False
-    log.info("Building the %s engine: %s", tower, reason)
-    record_path.unlink(missing_ok=True)  # a plan without its record is never reused
-    report = engine_from_onnx(onnx_path, plan_path, profiles, timing_cache_path(engine_dir),
-                              workspace_bytes=workspace_bytes, log=log)
-    write_json(record_path, {**expected, "plan": plan_path.name, "plan_bytes": plan_path.stat().st_size,
-                             "cuda": facts.get("cuda"), "build": report})
+    with _build_lock(plan_path.with_name(f".{tower}.lock"), log):
+        reason = rebuild_reason(plan_path, record_path, expected)
+        if reason is None:  # another process built it while this one waited
+            log.info("Using the %s engine %s that another process built", tower, plan_path)
+            return plan_path, key, False
+        log.info("Building the %s engine: %s", tower, reason)
+        record_path.unlink(missing_ok=True)  # a plan without its record is never reused
+        report = engine_from_onnx(onnx_path, plan_path, profiles, timing_cache_path(engine_dir, facts),
+                                  workspace_bytes=workspace_bytes, log=log)
+        write_json(record_path, {**expected, "plan": plan_path.name, "plan_bytes": plan_path.stat().st_size,
+                                 "cuda": facts.get("cuda"), "build": report})
     return plan_path, key, True
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path, log: logging.Logger):
+    """An exclusive lock on `path` for one engine's build, so that processes wanting the same
+    engine at once (ranks under torchrun, on a shared export folder) build it once. The lock
+    goes with the process, however it ends. Without fcntl (Windows) builds are not serialised;
+    the atomic writes still keep every file whole."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Waiting for another process building the engine (lock %s)", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

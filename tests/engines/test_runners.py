@@ -563,6 +563,42 @@ def test_torch_cuda_matches_the_plain_path_on_cuda(options, tiny_checkpoint, tin
 
 
 @needs_cuda
+def test_cuda_graph_capture_while_another_thread_pins_and_copies(tiny_checkpoint, tiny_archives):
+    """The pipeline's reader thread pins host memory and copies to the GPU while the runner
+    captures a graph for a new batch shape; in the default "global" capture mode those calls
+    fail and invalidate the capture. Every capture here overlaps such a thread."""
+    import threading
+
+    import torch
+
+    from fklip.data.archive import ImageArchive
+
+    stop = threading.Event()
+
+    def pin_and_copy():
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            while not stop.is_set():
+                torch.empty(1 << 24, dtype=torch.uint8, pin_memory=True).to("cuda", non_blocking=True)
+                side.synchronize()
+
+    with ImageArchive(tiny_archives["uint8_hwc"]) as archive:
+        batch = archive.read_batch(archive.ids[:N_IMAGES])
+    with build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, device="cuda")) as runner:
+        ref = runner.encode_images(batch)
+    worker = threading.Thread(target=pin_and_copy, daemon=True)
+    worker.start()
+    try:
+        with build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, device="cuda", cuda_graphs=True)) as runner:
+            for size in (1, 2, 3, 5, 8, N_IMAGES):  # a capture per new shape
+                assert_within(runner.encode_images(batch[:size]), ref[:size], {"min_cosine": 0.99999, "max_abs": 1e-4})
+            assert len(runner._graphs) >= 6
+    finally:
+        stop.set()
+        worker.join()
+
+
+@needs_cuda
 def test_onnx_on_cuda(tiny_exports, tiny_archives, reference):
     import onnxruntime
 

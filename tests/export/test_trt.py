@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import sys
+import time
 import types
 
 import numpy as np
@@ -163,7 +164,11 @@ def test_engine_layout(tmp_path):
     plan, record = engine_paths(tmp_path, "k1", "image")
     assert plan == tmp_path / "engines" / "k1" / "image.plan"
     assert record == tmp_path / "engines" / "k1" / "engine.json"
-    assert timing_cache_path(tmp_path) == tmp_path / "engines" / "timing.cache"
+    h100 = tmp_path / "engines" / "timing-nvidia-h100-80gb-hbm3-sm90-trt10.9.0.34.cache"
+    assert timing_cache_path(tmp_path, FACTS) == h100
+    # one per GPU and TensorRT version: TensorRT refuses another device's cache
+    assert timing_cache_path(tmp_path, dict(FACTS, gpu_name="NVIDIA H200", trt_version="11.0.1")) == \
+        tmp_path / "engines" / "timing-nvidia-h200-sm90-trt11.0.1.cache"
 
 
 def _expected(**facts):
@@ -218,7 +223,7 @@ def test_load_or_build_reuses_and_rebuilds(tmp_path, monkeypatch):
 
     plan, key, built = load_or_build_engine(*args, FACTS)
     assert built and plan == engine_paths(tmp_path, key, "image")[0] and plan.is_file()
-    assert builds == [(tmp_path / "image.onnx", plan, tmp_path / "engines" / "timing.cache")]
+    assert builds == [(tmp_path / "image.onnx", plan, timing_cache_path(tmp_path, FACTS))]
     record = json.loads(plan.with_name("engine.json").read_text())
     assert {k: record[k] for k in KEY_FIELDS} == _expected() and record["plan_bytes"] == plan.stat().st_size
     assert record["build"] == {"build_seconds": 0.0}
@@ -229,12 +234,42 @@ def test_load_or_build_reuses_and_rebuilds(tmp_path, monkeypatch):
     # Another TensorRT version: a new engine under its own key; the old one stays.
     plan2, key2, built2 = load_or_build_engine(*args, dict(FACTS, trt_version="10.10.0.1"))
     assert built2 and key2 != key and plan.is_file() and plan2.is_file()
+    assert builds[-1][2] == timing_cache_path(tmp_path, dict(FACTS, trt_version="10.10.0.1")) != builds[0][2]
 
     # A record that no longer matches (edited, or from another build) is not trusted.
     record_path = plan.with_name("engine.json")
     record_path.write_text(json.dumps({**record, "precision": "fp16"}))
     assert load_or_build_engine(*args, FACTS) == (plan, key, True)
     assert len(builds) == 3 and json.loads(record_path.read_text())["precision"] == "fp32"
+
+
+def test_concurrent_builds_of_one_engine_build_it_once(tmp_path, monkeypatch):
+    """Two callers wanting the same engine at once (ranks under torchrun): one builds, the other
+    waits on the lock and then loads what the first built."""
+    import threading
+
+    builds, started = [], threading.Event()
+
+    def build(onnx_path, engine_path, profiles, cache_path, workspace_bytes=None, log=None):
+        builds.append(engine_path)
+        started.set()
+        time.sleep(0.5)  # long enough for the other caller to reach the lock
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+        engine_path.write_bytes(b"engine")
+        return {"build_seconds": 0.5}
+
+    monkeypatch.setattr(export_trt, "engine_from_onnx", build)
+    profiles = profiles_for(image_tower_spec(224, 512), 8, 32)
+    args = (tmp_path, "image", tmp_path / "image.onnx", "cd" * 32, "fp32", profiles, FACTS)
+    results = []
+    first = threading.Thread(target=lambda: results.append(load_or_build_engine(*args)))
+    first.start()
+    assert started.wait(10)
+    results.append(load_or_build_engine(*args))  # blocks until the first build is done
+    first.join()
+    assert len(builds) == 1
+    assert sorted(built for _, _, built in results) == [False, True]
+    assert results[0][:2] == results[1][:2]
 
 
 def test_building_without_tensorrt_says_what_to_install(tmp_path, monkeypatch):
@@ -481,7 +516,8 @@ def test_trt_runner_matches_the_oracle_and_reuses_engines(tmp_path, uint8_input,
                                    atol=1e-6)
         assert runner.encode_images(hwc[:0]).shape == (0, D)
         keys = dict(runner.engine_keys)
-    assert (folder / "engines" / "timing.cache").stat().st_size > 0
+    (cache,) = (folder / "engines").glob("timing-*.cache")
+    assert cache.stat().st_size > 0
     for tower, key in keys.items():
         record = json.loads((folder / "engines" / key / "engine.json").read_text())
         assert record["tower"] == tower and record["build"]["build_seconds"] > 0
@@ -511,6 +547,7 @@ def test_engine_from_onnx_reports_parser_and_profile_errors(tmp_path):
     report = engine_from_onnx(folder / "text.onnx", tmp_path / "t.plan", profiles, tmp_path / "timing.cache",
                               workspace_bytes=1 << 28)
     assert (tmp_path / "t.plan").stat().st_size == report["engine_bytes"] > 0
-    assert report["builder_config"]["Strongly typed"] is True and "TF32" not in report["builder_config"]["Flags"]
-    assert report["builder_config"]["Memory pools (MiB)"]["WORKSPACE"] == 256.0
+    config = report["builder_config"]
+    assert config["Strongly typed"] is True and config["Flags"] is not None and "TF32" not in config["Flags"]
+    assert config["Memory pools (MiB)"] is not None and config["Memory pools (MiB)"]["WORKSPACE"] == 256.0
     assert report["profiles"] == profiles_as_dict(profiles)
