@@ -97,7 +97,7 @@ class ExportAttention(nn.Module):
             qkv = torch.cat([self.q_proj(x), self.kv_proj(x)], dim=-1)
         else:
             qkv = self.in_proj(x)
-        qkv = qkv.unflatten(-1, (3, self.heads, self.head_dim))  # (B, L, 3, H, Dh)
+        qkv = self._heads(qkv, 3)  # (B, L, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
         if self.sdpa:  # a mask here is always the causal one (TextTower)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=mask is not None)  # (B, H, L, Dh)
@@ -108,14 +108,20 @@ class ExportAttention(nn.Module):
         """The attention output for one query per sample, `xq` (B, 1, W), over the keys and
         values of all of `x` (B, L, W); `mask` (B, 1, 1, L) fp32 0 / MASK_VALUE, or None.
         Projects the query of that one token only, not of all L (needs split=True)."""
-        q = self.q_proj(xq).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, 1, Dh)
-        kv = self.kv_proj(x).unflatten(-1, (2, self.heads, self.head_dim))
+        q = self._heads(self.q_proj(xq), 1)[:, :, 0].transpose(1, 2)  # (B, H, 1, Dh)
+        kv = self._heads(self.kv_proj(x), 2)  # (B, L, 2, H, Dh)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
         if self.sdpa:
             keep = None if mask is None else mask == 0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, H, 1, Dh)
             return self.out_proj(out.transpose(1, 2).flatten(2))
         return self.out_proj(self._explicit(q, k, v, mask))
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, L, n*W) -> (B, L, n, H, Dh). A reshape on the traced batch and length, not
+        unflatten(-1, ...): the tracer writes that one's negative dim as a Mod node on
+        constants, which onnxruntime folds but older TensorRT parsers do not import."""
+        return x.reshape(x.shape[0], x.shape[1], n, self.heads, self.head_dim)
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:

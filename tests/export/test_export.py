@@ -46,6 +46,7 @@ def test_graph_structure(tiny_export, tiny_spec):
         assert ops.count("LayerNormalization") == 2 * layers + (2 if tower == "image" else 1)
         assert "ReduceMean" not in ops  # LayerNorm not decomposed
         assert "If" not in ops  # TensorRT's parser refuses the If a traced squeeze(1) writes
+        assert "Mod" not in ops  # unflatten(-1, ...) traced to a Mod on constants
         (graph_in,), (graph_out,) = model.graph.input, model.graph.output
         assert graph_in.name == inp and graph_out.name == out_name
         in_dims = [d.dim_param or d.dim_value for d in graph_in.type.tensor_type.shape.dim]
