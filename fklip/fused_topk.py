@@ -42,6 +42,8 @@ def why_not_fused(queries: Tensor, gallery, k: int, gallery_chunk: int) -> str |
                 "interpreter: TRITON_INTERPRET=1 before triton is imported)")
     if k > MAX_K:
         return f"k = {k} is larger than the kernel's limit of {MAX_K}"
+    if _fp16(queries) and _fp16(gallery):
+        return None  # |q . g| <= D * 65504**2: no fp16 features' float32 score can overflow
     # Below this bound no partial dot product can overflow (|q . g| <= |q| |g|), so every score is
     # finite and the kernel never meets the NaN (inf - inf) that the torch path reports.
     bound = _max_norm(queries, gallery_chunk, queries.device) * _max_norm(gallery, gallery_chunk,
@@ -49,6 +51,10 @@ def why_not_fused(queries: Tensor, gallery, k: int, gallery_chunk: int) -> str |
     if not bound < 1e38:
         return f"scores could overflow float32 (the largest row norms multiply to {bound:.3g})"
     return None
+
+
+def _fp16(x) -> bool:
+    return x.dtype in (torch.float16, np.dtype(np.float16))
 
 
 def _half(x) -> bool:
@@ -87,9 +93,11 @@ def search_fused(queries: Tensor, gallery, k: int, query_chunk: int, gallery_chu
     """`fklip.retrieval._search` with the fused kernel: same arguments (already checked) and
     results."""
     from fklip.retrieval import _decode, _gallery_rows, _merge
-    from fklip.topk_kernel import fused_topk
+    from fklip.topk_kernel import MAX_ELEMENTS, fused_topk
 
     n_query, n_gallery = queries.shape[0], gallery.shape[0]
+    rows_max = MAX_ELEMENTS // max(1, queries.shape[1])  # the kernel's int32 offsets
+    query_chunk, gallery_chunk = min(query_chunk, rows_max), min(gallery_chunk, rows_max)
     k_row, k_col = min(k, n_gallery), min(k, n_query)
     best: dict[int, Tensor] = {}  # query tile start -> (q, <= k) keys of its best gallery rows
     best_col: list[Tensor] = []  # per gallery chunk: (c, <= k) keys of its best queries

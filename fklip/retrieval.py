@@ -331,7 +331,13 @@ def _search(queries: Tensor, gallery: Gallery, k: int, query_chunk: int, gallery
     from fklip.fused_topk import resolve_method, search_fused  # no triton import unless it runs
 
     if resolve_method(queries, gallery, k, gallery_chunk, method) == "fused":
-        return search_fused(queries, gallery, k, query_chunk, gallery_chunk, progress, both_ways)
+        try:
+            return search_fused(queries, gallery, k, query_chunk, gallery_chunk, progress, both_ways)
+        except Exception as e:  # a compile, resource or launch failure of the kernel itself
+            if method == "fused":
+                raise
+            logger.warning("top-k: the fused kernel failed (%s: %s); searching on the torch path",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     n_query, n_gallery = queries.shape[0], gallery.shape[0]
     k_row, k_col = min(k, n_gallery), min(k, n_query)
     device = queries.device

@@ -118,3 +118,17 @@ def test_fused_refuses_scores_that_could_overflow(device):
         topk_chunked(queries / 1e19, queries / 1e19, 33, method="fused")
     if device == "cuda":  # "auto" falls back to the torch path, which reports what it finds
         assert topk_chunked(queries / 1e10, queries / 1e10, 2)[0].shape == (3, 2)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_fp16_features_skip_the_norm_pass(device, monkeypatch):
+    """fp16 scores are bounded by D * 65504**2, so the overflow check reads no norms for them;
+    bf16 (and float32) features still get the row-norm bound."""
+    import fklip.fused_topk as fused
+
+    read = []
+    monkeypatch.setattr(fused, "_max_norm", lambda x, chunk, dev: read.append(x.dtype) or 1.0)
+    half = grid_features(6, 8).to(device, torch.float16)
+    assert fused.why_not_fused(half, half.cpu().numpy(), 3, 64) is None and read == []
+    assert fused.why_not_fused(half.bfloat16(), half.bfloat16(), 3, 64) is None
+    assert read == [torch.bfloat16, torch.bfloat16]

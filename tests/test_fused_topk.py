@@ -36,3 +36,22 @@ def test_kernel_under_interpreter():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", result.stdout)
     assert passed and int(passed[1]) >= 20, result.stdout[-2000:]  # the kernel tests ran
+
+
+def test_auto_falls_back_to_torch_when_the_kernel_fails(monkeypatch, caplog):
+    """"auto" answers from the torch path when the kernel itself fails (a compile, resource or
+    launch error), with a warning; "fused" raises it."""
+    import fklip.fused_topk as fused
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory, required: 262144\nmore lines")
+
+    monkeypatch.setattr(fused, "resolve_method", lambda *args, **kwargs: "fused")
+    monkeypatch.setattr(fused, "search_fused", broken)
+    queries, gallery = grid_features(9, 8, seed=1), grid_features(70, 8, seed=2)
+    with caplog.at_level("WARNING", logger="fklip.retrieval"):
+        got = topk_chunked(queries, gallery, 5, query_chunk=4, gallery_chunk=16)
+    assert_same(got, topk_reference(queries, gallery, 5))
+    assert "the fused kernel failed (RuntimeError: out of resource: shared memory, required: 262144)" in caplog.text
+    with pytest.raises(RuntimeError, match="out of resource"):
+        topk_chunked(queries, gallery, 5, method="fused")
