@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,9 +156,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
         model.train()
         bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not ctx.is_main)
         t_epoch = time.perf_counter()
+        step_starts = []
         for i, indices in enumerate(train_set.epoch_batches(epoch, cfg.seed, cfg.batch_size, ctx.rank,
                                                             ctx.world_size)):
             t_step, step = time.perf_counter(), epoch * batches + i
+            step_starts.append(t_step)
             lr = cosine_lr(step, cfg.lr, cfg.warmup, total_steps)
             set_lr(optimizer, lr)
             batch = train_set.batch(indices)
@@ -201,7 +204,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
             bar.update(1)
         bar.close()
 
-        record = {"epoch": epoch + 1, "loss": logged["loss"], "epoch_s": time.perf_counter() - t_epoch}
+        record = {"epoch": epoch + 1, "loss": logged["loss"], "epoch_s": time.perf_counter() - t_epoch,
+                  "step_s_median": _steady_step_s(step_starts, time.perf_counter())}
         if val is not None and ctx.is_main:
             record.update(evaluate_val(model, val, cfg.eval_batch_size, cfg.batch_size, device))
             _log(writer, {f"val/{k.removeprefix('val_')}": v for k, v in record.items()
@@ -258,6 +262,14 @@ def _sum_gradients(model: torch.nn.Module, ctx: DistContext) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def _steady_step_s(starts: list[float], end: float) -> float | None:
+    """The median step time of an epoch from its steps' start times, the first step left out
+    (it pays for warm-up: cuDNN/cuBLAS choices, allocator growth, compilation). Start to start,
+    so the device work a step queues without waiting for it is counted in the step that waits."""
+    spans = [b - a for a, b in zip(starts, [*starts[1:], end])][1:]
+    return statistics.median(spans) if spans else None
 
 
 def _encode_prompts(model, tokenizer, prompts: list[list[str]], device: str) -> torch.Tensor:

@@ -73,6 +73,7 @@ def test_knowledge_training_logs_checkpoints_and_folder(tmp_path, demo):
     assert all(v == v for v in logged["train/concept_loss"])  # no NaN
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and "t2i_r10" in records[0]
+    assert all(0 < r["step_s_median"] < r["epoch_s"] for r in records)
     # the checkpoint describes itself and the original's scripts can read it
     raw = torch.load(run / "checkpoints" / "epoch_2.pt", weights_only=True)
     assert raw["epoch"] == 2 and raw["fklip"]["model_name"] == "fklip-tiny"
@@ -214,3 +215,12 @@ def test_amp_training_with_a_gradient_scaler_on_cuda(tmp_path, demo):
     r = invoke(train_args(demo, tmp_path, "amp", *KNOWLEDGE, "--precision", "amp", "--device", "cuda", epochs=1))
     assert r.exit_code == 0, r.output
     assert all(v == v for v in scalars(tmp_path / "amp")["train/loss"])
+
+
+def test_steady_step_time_leaves_out_the_first_step():
+    from fklip.train import _steady_step_s
+
+    # steps start at 0 (a slow first step), 5, 6, 8; the epoch ends at 9
+    assert _steady_step_s([0.0, 5.0, 6.0, 8.0], 9.0) == 1.0  # the median of 1, 2, 1
+    assert _steady_step_s([0.0, 5.0], 6.0) == 1.0
+    assert _steady_step_s([0.0], 4.0) is None  # one step: nothing steady to report
