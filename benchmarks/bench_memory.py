@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path

@@ -156,7 +156,7 @@ def openclip_text_pass(model, ids: np.ndarray, batch: int, device: str, autocast
     return encode_all(_open_clip(model, device, autocast).encode_texts, ids, batch)
 
 
-def engine_variants(ckpt: Path, device: str, small: bool) -> dict:
+def engine_variants(ckpt: Path, device: str, compiled: bool = False) -> dict:
     from engines.base import RunnerConfig
 
     if not device.startswith("cuda"):  # the dry run: fp32, no graphs
@@ -166,7 +166,7 @@ def engine_variants(ckpt: Path, device: str, small: bool) -> dict:
                                                           fused=True, cuda_graphs=True),
            "fklip fused bf16 + CUDA graphs": RunnerConfig("torch", checkpoint=ckpt, device=device, precision="bf16",
                                                           fused=True, cuda_graphs=True)}
-    if not small:
+    if compiled:  # --compile-engines: inductor's first compile of ViT-B-32 takes a minute or more
         out["fklip fused fp16 + compile + CUDA graphs"] = RunnerConfig(
             "torch", checkpoint=ckpt, device=device, precision="fp16", fused=True, compile=True, cuda_graphs=True)
     return out
@@ -189,9 +189,9 @@ def image_section(args, tmp: Path) -> dict:
                 baselines["open_clip fp16 weights + torch.compile"] = (_compiled_half_copy(model), False)
         for name, (m, autocast) in baselines.items():
             run = (lambda m=m, a=autocast: openclip_image_pass(m, archive, ids, args.image_batch, device, a))
-            rows[name] = _measure(run, len(ids), ref, device, args.repeats)
+            rows[name] = _guarded(lambda run=run: _measure(run, len(ids), ref, device, args.repeats))
         model.cpu()
-        for name, cfg in engine_variants(ckpt, device, args.small).items():
+        for name, cfg in engine_variants(ckpt, device, args.compile_engines).items():
             rows[name] = _engine_row(cfg, lambda r: pipeline.encode_archive(r, archive, args.image_batch, image_ids=ids),
                                      len(ids), ref, device, args.repeats)
     _ratios(rows, "items_per_s")
@@ -217,23 +217,34 @@ def _measure(run: Callable, n: int, ref: np.ndarray, device: str, repeats: int) 
     return {"items_per_s": round(n / seconds, 1), "seconds": round(seconds, 4), "min_cos": min_cosine(out[:len(ref)], ref)}
 
 
+def _guarded(measure: Callable[[], dict]) -> dict:
+    """One row measured, or the error that stopped it: the section's other rows still run."""
+    try:
+        return measure()
+    except Exception as e:  # a failing row is reported in the JSON, not fatal
+        logger.exception("a measurement failed")
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
 def _engine_row(cfg, run: Callable, n: int, ref: np.ndarray, device: str, repeats: int) -> dict:
     """One engine variant measured, or the error that stopped it (the other variants still run)."""
     from engines.base import build_runner
 
-    try:
+    def measure() -> dict:
         with build_runner(cfg) as runner:
             return _measure(lambda: run(runner), n, ref, device, repeats)
-    except Exception as e:  # a variant that fails is reported in its row, not fatal
-        logger.exception("variant failed")
-        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+    return _guarded(measure)
 
 
-def _ratios(rows: dict, key: str) -> None:
-    base = next(iter(rows.values()))[key]
+def _ratios(rows: dict, key: str, lower_is_better: bool = False) -> None:
+    """Each row's `x` against the first row (the baseline), where both have `key`."""
+    base = next(iter(rows.values())).get(key)
+    if not base:
+        return
     for row in rows.values():
         if key in row:
-            row["x"] = round(row[key] / base, 3)
+            row["x"] = round(base / row[key] if lower_is_better else row[key] / base, 3)
 
 
 def text_section(args, tmp: Path) -> dict:
@@ -248,15 +259,15 @@ def text_section(args, tmp: Path) -> dict:
         ids = tokenizer(texts).numpy()  # (N, 77)
         lengths = ids.argmax(1) + 1
         ref = openclip_text_pass(model, ids[:512], 128, device, autocast=False)
-        rows = {"open_clip autocast fp16, 77 positions (baseline)":
-                _measure(lambda i=ids: openclip_text_pass(model, i, args.text_batch, device, True), len(ids), ref,
-                         device, args.repeats)}
-        for name, cfg in engine_variants(ckpt, device, small=True).items():
+        rows = {"open_clip autocast fp16, 77 positions (baseline)": _guarded(
+                lambda i=ids, ref=ref: _measure(lambda: openclip_text_pass(model, i, args.text_batch, device, True),
+                                                len(i), ref, device, args.repeats))}
+        for name, cfg in engine_variants(ckpt, device).items():
             rows[name + ", cut, grouped by length"] = _engine_row(
                 cfg, lambda r, i=ids: pipeline.encode_ids(r, i, args.text_batch), len(ids), ref, device, args.repeats)
         _ratios(rows, "items_per_s")
         result[kind] = {"n": len(ids), "tokens": {"median": float(np.median(lengths)), "max": int(lengths.max())},
-                        "rows": rows, "cut_vs_full": cut_vs_full(model, ids, args, device)}
+                        "rows": rows, "cut_vs_full": _guarded(lambda i=ids: cut_vs_full(model, i, args, device))}
         table(f"texts/s, {kind} ({len(ids)}, median {np.median(lengths):.0f} tokens), batch {args.text_batch}",
               rows, ["items_per_s", "x", "min_cos", "seconds"])
         print(f"  the same fused tower, cut vs 77 positions: {result[kind]['cut_vs_full']}")
@@ -295,7 +306,7 @@ def cut_vs_full(model, ids: np.ndarray, args, device: str) -> dict:
 
 def topk_section(args, tmp: Path) -> dict:
     from fklip.bench import plain_topk
-    from fklip.retrieval import topk_both_ways, topk_chunked, topk_reference
+    from fklip.retrieval import topk_chunked
     from fklip.topk_kernel import KernelConfig, fused_topk
 
     device, q, n, k = args.device, args.topk_queries, args.topk_gallery, 10
@@ -327,10 +338,19 @@ def topk_section(args, tmp: Path) -> dict:
             rows[name] = {"ms": round(seconds * 1e3, 2), "queries_per_s": round(q / seconds, 1)}
         except Exception as e:  # noqa: BLE001 (a tile configuration the compiler rejects: reported, not fatal)
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-    base = rows["torch.mm + torch.topk per chunk (baseline)"]["ms"]
-    for row in rows.values():
-        if "ms" in row:
-            row["x"] = round(base / row["ms"], 2)
+    _ratios(rows, "ms", lower_is_better=True)
+    result = {"queries": q, "gallery": n, "k": k, "rows": rows, "target_ms": 20}
+    table(f"top-k, {q} queries x {n} gallery, d 512 fp16, k {k}", rows, ["ms", "queries_per_s", "x"])
+    result.update(_guarded(lambda: _topk_checks(queries, gallery, k, args, gen)))
+    return result
+
+
+def _topk_checks(queries, gallery, k: int, args, gen) -> dict:
+    """Exactness on grid features, fused against torch on random ones, and the float32 both-ways
+    search that `fklip eval` runs."""
+    from fklip.retrieval import topk_both_ways, topk_chunked, topk_reference
+
+    device, q, n = args.device, len(queries), len(gallery)
     # exactness: grid features (every score exact in float32), fused and torch path against the reference
     grid_q = (torch.randint(-4, 5, (min(q, 2048), 512), device=device, generator=gen) / 8).half()
     grid_g = (torch.randint(-4, 5, (min(n, 200_000), 512), device=device, generator=gen) / 8).half()
@@ -341,7 +361,6 @@ def topk_section(args, tmp: Path) -> dict:
         checks[method] = bool(torch.equal(v[:256], ref[0]) and torch.equal(i[:256], ref[1]))
     fused_v, fused_i = topk_chunked(queries, gallery, k, method="fused")
     torch_v, torch_i = topk_chunked(queries, gallery, k, method="torch")
-    table(f"top-k, {q} queries x {n} gallery, d 512 fp16, k {k}", rows, ["ms", "queries_per_s", "x"])
     # what `fklip eval` searches: float32 features from the towers, both directions
     m = min(args.eval_size, n)
     texts = F.normalize(torch.randn(m, 512, device=device, generator=gen), dim=-1)
@@ -355,8 +374,7 @@ def topk_section(args, tmp: Path) -> dict:
                  "same_indices": round(same, 6)}
     print(f"  both ways, {m} x {m} float32 (an eval set): fused {eval_like['fused_ms']} ms, torch path "
           f"{eval_like['torch_ms']} ms, {same:.6f} of indices equal")
-    result = {"queries": q, "gallery": n, "k": k, "rows": rows, "target_ms": 20, "eval_like_float32": eval_like,
-              "grid_equal_reference": checks,
+    result = {"eval_like_float32": eval_like, "grid_equal_reference": checks,
               "random_features_same_indices_fused_vs_torch": round(float((fused_i == torch_i).float().mean()), 6),
               "random_features_max_value_diff": float((fused_v - torch_v).abs().max())}
     print(f"  grid features equal to topk_reference: {checks}; random features, fused vs torch path: "
@@ -379,29 +397,62 @@ def write_eval_set(folder: Path, n: int, size: int) -> dict:
     return {"images": folder / "val.npz", "queries": folder / "queries.jsonl", "gold": folder / "gold.jsonl"}
 
 
+def plain_eval(model, files: dict, args) -> dict:
+    """The baseline of `fklip eval`: what a PyTorch user writes with the model already loaded in
+    this process: open_clip under fp16 autocast over the archive and the captions (77
+    positions), then torch.mm + torch.topk per chunk both ways. No files are written."""
+    from fklip.bench import plain_topk
+    from fklip.data.archive import ImageArchive
+    from fklip.model import build_tokenizer
+
+    device = args.device
+    model.to(device)
+    captions = [json.loads(line)["query_text"] for line in files["queries"].read_text(encoding="utf-8").splitlines()]
+    tokenizer = build_tokenizer(files["spec"])
+
+    def run() -> None:
+        with ImageArchive(files["images"]) as archive:
+            ids = list(archive.ids)
+            images = openclip_image_pass(model, archive, ids, args.image_batch, device, autocast=True)
+        texts = openclip_text_pass(model, tokenizer(captions).numpy(), args.text_batch, device, autocast=True)
+        t, i = torch.from_numpy(texts).to(device), torch.from_numpy(images).to(device)
+        plain_topk(t, i, 10), plain_topk(i, t, 10)
+
+    seconds, _ = timed(run, device, 1)
+    model.cpu()
+    return {"seconds": round(seconds, 2), "note": "in process, model loaded, no files"}
+
+
 def eval_section(args, tmp: Path) -> dict:
-    spec, _, ckpt = random_model(args.model, tmp)
-    files = write_eval_set(tmp, args.eval_size, spec.image_size)
+    spec, model, ckpt = random_model(args.model, tmp)
+    files = {**write_eval_set(tmp, args.eval_size, spec.image_size), "spec": spec}
     common = ["eval", "--resume", str(ckpt), "--image-data", str(files["images"]), "--text-data", str(files["queries"]),
               "--image-standard-path", str(files["gold"]), "--device", args.device]
     fast = (["--precision", "fp16", "--fused", "--cuda-graphs"] if args.device.startswith("cuda") else ["--fused"])
     runs = {"fklip eval, fast flags": [*fast, "--img-batch-size", str(args.image_batch),
                                        "--text-batch-size", str(args.text_batch)],
             "fklip eval, defaults": ["--precision", "amp"] if args.device.startswith("cuda") else []}
-    rows = {}
+    rows = {"open_clip autocast fp16 + torch.topk, in process (baseline)": _guarded(lambda: plain_eval(model, files, args))}
     for name, extra in runs.items():
         out = tmp / name.replace(" ", "_").replace(",", "")
         started = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "fklip", *common, *extra, "--output-dir", str(out)],
-                           capture_output=True, text=True, check=False)
+        try:
+            r = subprocess.run([sys.executable, "-m", "fklip", *common, *extra, "--output-dir", str(out)],
+                               capture_output=True, text=True, check=False, timeout=args.eval_timeout_s)
+        except subprocess.TimeoutExpired:
+            rows[name] = {"error": f"still running after {args.eval_timeout_s} s; stopped", "flags": " ".join(extra)}
+            continue
         rows[name] = {"seconds": round(time.perf_counter() - started, 2), "rc": r.returncode,
                       "flags": " ".join(extra)}
         if r.returncode:
             rows[name]["error"] = r.stderr[-800:]
         else:
-            rows[name]["mean_recall"] = json.loads((out / "metrics.json").read_text())["mean_recall"]
+            metrics = json.loads((out / "metrics.json").read_text())
+            rows[name]["mean_recall"] = metrics["mean_recall"]
+            rows[name]["timings_s"] = metrics.get("timings_s")
+    _ratios(rows, "seconds", lower_is_better=True)
     table(f"fklip eval end to end, {args.eval_size} uint8 images + captions, loading included", rows,
-          ["seconds", "rc", "mean_recall"])
+          ["seconds", "x", "rc", "mean_recall"])
     return {"n": args.eval_size, "rows": rows, "target_s": 10}
 
 
@@ -433,7 +484,15 @@ def train_section(args, tmp: Path) -> dict:
                                          device, precision)
             # the fp32 warm-up warms the archive's pages and CUDA for both (amp's first call is timed)
             seconds[precision], _ = timed(refresh, device, 1, warmup=1 if precision == "fp32" else 0)
+        prompts = [text for vocab, _ in vocabs.values() for _, text in vocab.prompts]
+
+        def plain() -> None:  # the baseline: open_clip under autocast encodes the same images and prompts
+            openclip_image_pass(model, kb, kb_ids, args.image_batch, device, autocast=True)
+            openclip_text_pass(model, tok(prompts).numpy(), args.text_batch, device, autocast=True)
+
+        baseline = _guarded(lambda: {"seconds": round(timed(plain, device, 1, warmup=0)[0], 2)})
     refresh_row = {"seconds": round(seconds["fp32"], 2), "seconds_amp": round(seconds["amp"], 2),
+                   "open_clip_encode_only_s (baseline)": baseline.get("seconds", baseline.get("error")),
                    "kb_images": len(kb_ids),
                    "concepts": {kind: len(v.prompts) for kind, (v, _) in vocabs.items()}, "target_s": 10}
     model.cpu()
@@ -447,8 +506,8 @@ def train_section(args, tmp: Path) -> dict:
 
 
 def _train_steps(demo, args, tmp: Path, concept: bool) -> dict:
-    """Seconds per step of `fklip train` over one epoch (the refresh and first step excluded by the
-    epoch timer; the median step from the run's log)."""
+    """Seconds per step of `fklip train` over one epoch: the median step without the first
+    (`step_s_median` of the epoch's record); the knowledge refresh is outside the steps."""
     from fklip.config import TrainConfig
     from fklip.train import run_train
 
@@ -461,12 +520,26 @@ def _train_steps(demo, args, tmp: Path, concept: bool) -> dict:
         logs=tmp / "logs", name=f"bench-{concept}", device=args.device,
         precision="amp" if args.device.startswith("cuda") else "fp32")
     summary = run_train(cfg)
-    epoch_s = summary["epochs"][0]["epoch_s"]
+    epoch = summary["epochs"][0]
     batches = json.loads((Path(summary["run_dir"]) / "params.json").read_text())["batches_per_epoch"]
-    return {"step_s": round(epoch_s / batches, 4), "batches": batches}
+    step_s = epoch["step_s_median"] if epoch.get("step_s_median") is not None else epoch["epoch_s"] / batches
+    return {"step_s": round(step_s, 4), "epoch_s": round(epoch["epoch_s"], 3), "batches": batches}
 
 
 # In order of priority: with --budget-s, the sections left when the time is spent are skipped.
+def _earlier_sections(path: Path | None) -> dict:
+    """The sections, and the commands, that an earlier run wrote to `path` (nothing if none)."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
+    if not isinstance(earlier, dict) or earlier.get("benchmark") != "gpu_bench":
+        return {}
+    return {key: value for key, value in earlier.items() if key in SECTIONS or key == "commands"}
+
+
 SECTIONS = {"topk": topk_section, "image": image_section, "text": text_section, "eval": eval_section,
             "train": train_section}
 
@@ -486,12 +559,17 @@ def main() -> int:
     parser.add_argument("--topk-gallery", type=int, default=1_000_000)
     parser.add_argument("--eval-size", type=int, default=32_528)
     parser.add_argument("--kb-size", type=int, default=50_000)
-    parser.add_argument("--train-products", type=int, default=1024)
+    parser.add_argument("--train-products", type=int, default=2048)
     parser.add_argument("--train-batch", type=int, default=256)
     parser.add_argument("--compile-baselines", action="store_true", help="also open_clip + torch.compile (slow)")
+    parser.add_argument("--compile-engines", action="store_true",
+                        help="also the torch engine with --compile (inductor's first compile is slow)")
+    parser.add_argument("--eval-timeout-s", type=float, default=90, help="each `fklip eval` subprocess's limit")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no section after this many seconds (the rest are reported as skipped)")
-    parser.add_argument("--json-out", type=Path, default=None, help="also written after every section")
+    parser.add_argument("--json-out", type=Path, default=None,
+                        help="also written before and after every section; sections already in the file from "
+                             "an earlier run (gpu.sh runs one section per process) are kept")
     args = parser.parse_args()
     from fklip.io import atomic_output
     if args.small:
@@ -512,12 +590,23 @@ def main() -> int:
         import triton
 
         report["triton"] = triton.__version__
+    report = {**report, **_earlier_sections(args.json_out)}
+    report["commands"] = [*report.get("commands", []), report.pop("command")]
+
+    def save() -> None:
+        if args.json_out is not None:  # so a run cut short still leaves the finished sections
+            with atomic_output(args.json_out) as tmp:
+                tmp.write_text(json.dumps(report) + "\n", encoding="utf-8")
+
     failed, begun = False, time.perf_counter()
     for name in [n for n in SECTIONS if n in args.sections]:
         started = time.perf_counter()
         if args.budget_s is not None and started - begun > args.budget_s:
             report[name] = {"skipped": f"the time budget of {args.budget_s:.0f} s was spent"}
             continue
+        report[name] = {"error": f"started at {datetime.now(timezone.utc).isoformat(timespec='seconds')} and "
+                                 "never finished: the process was stopped (a timeout?) or died"}
+        save()
         with tempfile.TemporaryDirectory(prefix=f"fklip-gpu-{name}-") as tmp:
             try:
                 report[name] = SECTIONS[name](args, Path(tmp))
@@ -528,9 +617,7 @@ def main() -> int:
         report[name]["section_s"] = round(time.perf_counter() - started, 1)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        if args.json_out is not None:  # so a run cut short still leaves the finished sections
-            with atomic_output(args.json_out) as tmp:
-                tmp.write_text(json.dumps(report) + "\n", encoding="utf-8")
+        save()
     print(json.dumps(report))
     return 1 if failed else 0
 

@@ -5,7 +5,9 @@ against the CPU, and the torch engine's CUDA paths against the CPU. Prints one J
     python benchmarks/gpu_checks.py --device cpu --n 3000     # a dry run of the script here
 
 Run by benchmarks/gpu.sh on a lent GPU machine (nothing is downloaded; see that script).
-Exits non-zero if any check fails; every check's figures are in the JSON line either way.
+Exits non-zero if any check fails; every check's figures are in the JSON line either way. Each
+check also prints its own JSON line when it ends, so a run stopped by a timeout keeps the
+checks that finished; a check that raises is reported as failed and the others still run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -56,8 +59,16 @@ def check_topk(n: int, dim: int, k: int, device: str = "cuda") -> dict:
             "sampled_rows_equal_reference": ok, "passed": ok}
 
 
+FKLIP_TIMEOUT_S = 60  # one `fklip` subprocess at most (the demo data, one eval of 64 pairs)
+
+
 def _fklip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fklip", *args], capture_output=True, text=True, check=False)
+    """`python -m fklip ARGS`; one that runs past FKLIP_TIMEOUT_S comes back with rc 124."""
+    command = [sys.executable, "-m", "fklip", *args]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=False, timeout=FKLIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(command, 124, "", f"stopped after {FKLIP_TIMEOUT_S} s")
 
 
 def check_eval(folder: Path, size: int, device: str = "cuda") -> dict:
@@ -116,10 +127,21 @@ def main() -> int:
     report = {"benchmark": "gpu_checks", "gpu": gpu,
               "torch": str(torch.__version__), "cuda": torch.version.cuda, "python": platform.python_version(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
-    report["topk"] = check_topk(args.n, args.dim, args.k, args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        report["eval"] = check_eval(Path(tmp), args.eval_size, args.device)
-    report["passed"] = report["topk"]["passed"] and report["eval"]["passed"]
+        checks = {"topk": lambda: check_topk(args.n, args.dim, args.k, args.device),
+                  "eval": lambda: check_eval(Path(tmp), args.eval_size, args.device)}
+        for name, check in checks.items():
+            started = time.perf_counter()
+            try:
+                report[name] = check()
+            except Exception as e:  # noqa: BLE001 (one broken check must not hide the others' results)
+                traceback.print_exc()
+                report[name] = {"passed": False, "error": f"{type(e).__name__}: {e}"[:800]}
+            report[name]["check_s"] = round(time.perf_counter() - started, 1)
+            print(json.dumps({name: report[name]}), flush=True)
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    report["passed"] = all(report[name]["passed"] for name in checks)
     print(json.dumps(report))
     return 0 if report["passed"] else 1
 

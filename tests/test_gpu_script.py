@@ -36,12 +36,26 @@ def test_gpu_script_refuses_an_unknown_mode_before_doing_anything(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gpu_bench_dry_run_on_cpu():
-    """Every section of gpu_bench.py at tiny sizes on the CPU (the Triton kernel interpreted)."""
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--device", "cpu", "--small",
-                        "--model", "fklip-tiny"], capture_output=True, text=True, timeout=600, check=False)
+def _gpu_sh(mode: str, out, **env) -> subprocess.CompletedProcess:
+    """benchmarks/gpu.sh on the CPU: gpu_bench.py's dry run (--device cpu --small, fklip-tiny)
+    through the script's own step runner; this interpreter's python3 first on PATH."""
+    import os
+
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "OUT": str(out),
+           "GPU_BENCH_ARGS": "--device cpu --small --model fklip-tiny", **env}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), mode], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600, check=False)
+
+
+def test_gpu_bench_dry_run_on_cpu(tmp_path):
+    """Every section of gpu_bench.py at tiny sizes on the CPU (the Triton kernel interpreted), each
+    in its own process as gpu.sh runs them, merged into one JSON object."""
+    r = _gpu_sh("bench", tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.txt", "gpu_bench.err", "gpu_bench.json", "gpu_bench.txt"]
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert len(report["commands"]) == 5 and all(f"--sections {s}" in c for s, c in zip(
+        ("topk", "image", "text", "eval", "train"), report["commands"]))
     assert all("error" not in report[s] for s in ("image", "text", "topk", "eval", "train"))
     assert all(row["min_cos"] >= 0.99999 for row in report["image"]["rows"].values())
     for kind in ("captions", "concept prompts"):
@@ -49,6 +63,27 @@ def test_gpu_bench_dry_run_on_cpu():
         assert all(row["min_cos"] >= 0.99999 for row in report["text"][kind]["rows"].values())
     assert report["topk"]["grid_equal_reference"] == {"fused": True, "torch": True}
     rows = report["eval"]["rows"]
-    assert all(row["rc"] == 0 for row in rows.values())
-    assert len({row["mean_recall"] for row in rows.values()}) == 1  # --fused ranks as the default
-    assert report["train"]["refresh"]["kb_images"] == 32 and report["train"]["steps"]["concept"]["batches"] >= 1
+    baseline, *runs = rows.values()
+    assert baseline["seconds"] > 0 and all(row["rc"] == 0 and row["x"] > 0 for row in runs)
+    assert len({row["mean_recall"] for row in runs}) == 1  # --fused ranks as the default
+    assert all(row["timings_s"] for row in runs)
+    refresh = report["train"]["refresh"]
+    assert refresh["kb_images"] == 32 and refresh["open_clip_encode_only_s (baseline)"] > 0
+    assert all(s["batches"] >= 1 and s["step_s"] > 0 for s in report["train"]["steps"].values())
+    assert "gpu.sh: gpu_bench train: exit 0" in (tmp_path / "gpu.txt").read_text()
+
+
+def test_gpu_script_records_steps_stopped_or_skipped(tmp_path):
+    """A section past its limit is stopped and recorded as unfinished in the JSON; a step that
+    could not finish before the deadline is skipped and said to be; the exit code is 1."""
+    r = _gpu_sh("bench", tmp_path / "stopped", GPU_BENCH_SECTIONS="eval:10")
+    assert r.returncode == 1
+    report = json.loads((tmp_path / "stopped" / "gpu_bench.json").read_text())
+    assert "never finished: the process was stopped" in report["eval"]["error"]
+    assert "gpu.sh: gpu_bench eval: exit 124 after" in (tmp_path / "stopped" / "gpu.txt").read_text()
+
+    r = _gpu_sh("bench", tmp_path / "late", GPU_TOTAL_S="20", GPU_BENCH_SECTIONS="image:60")
+    assert r.returncode == 1
+    said = (tmp_path / "late" / "gpu.txt").read_text()
+    assert "gpu.sh: gpu_bench image skipped" in said and "it needs up to 60 s" in said
+    assert not (tmp_path / "late" / "gpu_bench.json").exists()  # nothing ran
