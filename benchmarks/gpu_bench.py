@@ -9,8 +9,8 @@ timed --repeats times after a device synchronisation; figures are medians. Secti
 
 * image: images/s end to end from a uint8 archive in host memory (read, copy, normalisation
   included), batch --image-batch: open_clip under fp16 autocast (the baseline), open_clip with
-  fp16 weights, and fklip's torch engine (`--fused` towers, fp16/bf16, CUDA graphs, compile),
-  with each one's min cosine to open_clip fp32;
+  fp16 weights, and fklip's torch engine (`--fused` towers, fp16/bf16, CUDA graphs; with
+  --compile-engines also compiled), with each one's min cosine to open_clip fp32;
 * text: texts/s from token ids, batch --text-batch, for FashionGen-like captions and for concept
   prompts: open_clip autocast fp16 over 77 positions (the baseline) against the engine (captions
   grouped by length, each batch cut after its last end token), and the fused tower at full
@@ -19,9 +19,11 @@ timed --repeats times after a device synchronisation; figures are medians. Secti
   (the baseline), fklip's torch path and the fused Triton kernel (a few tile configurations);
   results checked against `topk_reference` on grid features (exact scores, many ties);
 * eval: `fklip eval` as a subprocess on a FashionGen-val-sized set (--eval-size images and
-  captions, uint8 archive), loading included: the fast flags, and plain --precision amp;
+  captions, uint8 archive), loading included: the fast flags, and plain --precision amp; the
+  baseline is open_clip under autocast plus torch.topk both ways in this process, model loaded;
 * train: `refresh_knowledge` (the KB images and concept prompts encoded, top-20, MMR) on
-  --kb-size images, and one training step on ViT-B-32 with and without the concept loss.
+  --kb-size images, against open_clip under autocast encoding the same images and prompts; the
+  median warm training step on ViT-B-32 with and without the concept loss.
 
 Prints a table per section, then one JSON line. A section that fails reports its error in the
 JSON and the others still run; the exit code is 1 then.
