@@ -334,6 +334,11 @@ def topk_section(args, tmp: Path) -> dict:
         for cfg in configs:
             variants[f"fused kernel {cfg.block_m}x{cfg.block_n}x{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}"] = \
                 (lambda c=cfg: fused_topk(queries, gallery, k, config=c))
+        # gallery splits per query block: the default fills 4 programs per SM; fewer, longer
+        # splits run the insertion loop less often (see fklip.topk_kernel)
+        for splits in (2, 4, 16):
+            variants[f"fused kernel default tiles, {splits} splits"] = \
+                (lambda sp=splits: fused_topk(queries, gallery, k, splits=sp))
     for name, fn in variants.items():
         try:
             seconds, _ = timed(fn, device, args.repeats)
