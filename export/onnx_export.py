@@ -127,6 +127,9 @@ def ort_session(path: Path, threads: int | None = None, provider: str = "CPUExec
     if threads is not None:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=[(provider, provider_options or {})])
+    # run(): onnxruntime's default on an execution-provider failure (EPFail) is to print a line,
+    # rebuild the session on the CPU and carry on there for good; fklip raises instead
+    session.disable_fallback()
     used = session.get_providers()
     if not used or used[0] != provider:
         raise ProviderError(f"{path}: onnxruntime would run on {', '.join(used) or 'nothing'} instead of "

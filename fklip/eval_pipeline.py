@@ -8,6 +8,7 @@ ranks); rank 0 writes the original's prediction and score files and `metrics.jso
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -93,6 +94,9 @@ def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:
 
     enc, started = cfg.encode, time.perf_counter()
     device = check_device(ctx.device)
+    # this rank's device: under torchrun `--device cuda:N` still means cuda:LOCAL_RANK for each
+    # rank (ctx.device), or every rank would search on GPU N
+    search_cfg = dataclasses.replace(cfg.search, device=device)
 
     # ---- load and check everything before the slow work
     queries = read_val_queries(cfg.text_data)
@@ -132,10 +136,10 @@ def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:
     image_in = image_emb if on_disk else torch.from_numpy(image_emb)
     text_in = text_emb if on_disk else torch.from_numpy(text_emb)
     if ctx.distributed or on_disk:  # each rank its share of the queries; or memory-mapped features
-        t2i = search(text_in[t_0:t_1], image_in, cfg.search, "text->image")
-        i2t = search(image_in[i0:i1], text_in, cfg.search, "image->text")
+        t2i = search(text_in[t_0:t_1], image_in, search_cfg, "text->image")
+        i2t = search(image_in[i0:i1], text_in, search_cfg, "image->text")
     else:
-        t2i, i2t = search_both_ways(text_in, image_in, cfg.search)
+        t2i, i2t = search_both_ways(text_in, image_in, search_cfg)
     if ctx.distributed:
         t2i = gather_rows(torch.from_numpy(t2i), n_txt, ctx).numpy()
         i2t = gather_rows(torch.from_numpy(i2t), n_img, ctx).numpy()

@@ -167,3 +167,20 @@ def test_eval_bad_inputs(tmp_path, small_demo, tiny_checkpoint):
     r = invoke(eval_args(small_demo, tmp_path / "none.pt", tmp_path / "o3"))
     assert r.exit_code == 2 and "no such checkpoint" in r.output
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_search_runs_on_this_ranks_device_not_the_flags(tmp_path, small_demo, tiny_checkpoint):
+    """Under torchrun `--device cuda:N` means cuda:LOCAL_RANK for each rank (the context's
+    device); the search must go there too, not to the flag's device (every rank on GPU N).
+    Here the flag says cuda:1 and the context says cpu: the run must search on the CPU."""
+    from fklip.config import EncodeConfig, EvalConfig, SearchConfig
+    from fklip.distributed import DistContext
+    from fklip.eval_pipeline import _run
+
+    assert invoke(eval_args(small_demo, tiny_checkpoint, tmp_path / "plain")).exit_code == 0
+    cfg = EvalConfig(encode=EncodeConfig(checkpoint=tiny_checkpoint), search=SearchConfig(device="cuda:1"),
+                     image_data=small_demo.val_images, text_data=small_demo.val_queries,
+                     output_dir=tmp_path / "rank")
+    (tmp_path / "rank").mkdir()
+    assert _run(cfg, DistContext(device="cpu"), None) is not None
+    assert read_outputs(tmp_path / "rank") == read_outputs(tmp_path / "plain")

@@ -452,6 +452,31 @@ def test_onnx_cuda_never_falls_back_to_the_cpu(tiny_exports, monkeypatch):
         build_runner(RunnerConfig("onnx", engine_dir=tiny_exports["float"], device="cuda")).__enter__()
 
 
+def test_onnx_session_raises_instead_of_rerunning_on_the_cpu(tiny_exports):
+    """A provider failure during run() (EPFail: a CUDA error, say) raises; onnxruntime's default
+    would print a line, rebuild the session on the CPU and stay there for every later batch."""
+    import numpy as np
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    from export.onnx_export import ort_session
+
+    session = ort_session(tiny_exports["float"] / "text.onnx")
+
+    class Failing:  # the C++ session, failing the way a broken execution provider does
+        def __init__(self, inner):
+            self.inner = inner
+
+        def run(self, *args):
+            raise C.EPFail("CUDA failure 700: an illegal memory access was encountered")
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    session._sess = Failing(session._sess)
+    with pytest.raises(C.EPFail, match="illegal memory access"):
+        session.run(None, {"text_ids": np.ones((1, 4), np.int32)})
+
+
 # ---- manifest errors
 
 
