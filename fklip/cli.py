@@ -7,6 +7,7 @@ open_clip) happen inside the commands, so `fklip --help` is instant.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,10 +15,11 @@ import click
 
 from fklip import __version__
 from fklip.cli_engines import bench, export
-from fklip.errors import FklipError, NotAvailableError
+from fklip.errors import ConfigError, FklipError, NotAvailableError
 
 # Commands that later releases fill in: name -> (what it will do, the issue that tracks it).
 PENDING: dict[str, tuple[str, int]] = {}
+DISTRIBUTED_COMMANDS = {"train", "eval"}  # the ones that shard their work under torchrun
 
 
 class FklipGroup(click.Group):
@@ -44,6 +46,13 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    command, world = click.get_current_context().invoked_subcommand, os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and command not in DISTRIBUTED_COMMANDS:
+        # N copies of a one-process command would each do all the work on the same device and
+        # write the same files N times
+        raise ConfigError(f"`fklip {command}` runs in one process, and this is one of {world} (torchrun's "
+                          f"WORLD_SIZE); only {' and '.join(sorted(DISTRIBUTED_COMMANDS))} run under torchrun: "
+                          f"start `fklip {command}` without it")
 
 
 def _pending_command(name: str, what: str, issue: int) -> click.Command:
@@ -185,7 +194,6 @@ def extract(extract_image_feats, extract_text_feats, image_data, text_data, imag
             text_feat_output_path, fmt, dtype, **encode) -> None:
     """Encode images and captions into feature files (the original's eval/extract_features.py)."""
     from fklip.config import ExtractConfig
-    from fklip.errors import ConfigError
     from fklip.extract import run_extract
 
     for flag, wanted, data, data_flag in (("--extract-image-feats", extract_image_feats, image_data, "--image-data"),
@@ -361,8 +369,6 @@ def train(dist_url, dataset_type, stop_after, **flags) -> None:
     flags["img_data_sets"] = tuple(flags["img_data_sets"])
     cfg = TrainConfig(**flags)
     if stop_after is not None and stop_after < 1:
-        from fklip.errors import ConfigError
-
         raise ConfigError(f"--stop-after: expected a positive number of epochs, got {stop_after}")
     summary = run_train(cfg, stop_after=stop_after)
     if summary is not None:

@@ -7,6 +7,7 @@ rank order, so a sharded computation reproduces the single-process one exactly.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from collections.abc import Iterator
@@ -15,7 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fklip.errors import ConfigError
+
 logger = logging.getLogger(__name__)
+
+DIST_TIMEOUT_S = 7200  # a collective's limit (torch's own: 10 minutes under NCCL, 30 under gloo)
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,33 @@ def init_distributed(device: str) -> DistContext:
     if world <= 1:
         return DistContext(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+    if cuda:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local_rank >= count:
+            raise ConfigError(f"--device {device} under torchrun: process {local_rank} of this machine needs "
+                              f"cuda:{local_rank}, and torch sees {count} CUDA device(s); start at most "
+                              f"{count} processes per machine (--nproc_per_node)")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # NCCL's default timeout (10 minutes) would abort the ranks that wait in a barrier while
+        # rank 0 alone evaluates, saves or writes a large set; FKLIP_DIST_TIMEOUT_S sets it
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=_timeout(),
+                                device_id=torch.device(device) if cuda else None)
     logger.info("rank %d of %d on %s", rank, world, device)
     return DistContext(rank, world, local_rank, device)
+
+
+def _timeout() -> datetime.timedelta:
+    value = os.environ.get("FKLIP_DIST_TIMEOUT_S", str(DIST_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"FKLIP_DIST_TIMEOUT_S: expected a positive number of seconds, got {value!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def shutdown(ctx: DistContext, finished: bool = False) -> None:

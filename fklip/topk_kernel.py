@@ -29,6 +29,7 @@ tests it against `topk_reference`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -167,10 +168,14 @@ def fused_topk(queries: Tensor, rows: Tensor, k: int, *, splits: int | None = No
     values = torch.empty((n_query, n_splits, k), dtype=torch.float32, device=queries.device)
     index = torch.empty((n_query, n_splits, k), dtype=torch.int32, device=queries.device)
     options = {} if interpreted() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    _fused_topk_kernel[(m_blocks, n_splits)](
-        queries, rows, values, index, n_query, n_rows, dim, rows_per_split,
-        queries.stride(0), rows.stride(0), values.stride(0), values.stride(1),
-        K=k, KP=max(2, 1 << math.ceil(math.log2(k))), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=cfg.block_d, IEEE=dtype == torch.float32, **options)
+    # Triton launches on the current CUDA device: make it the tensors' (cuda:1 while the current
+    # device is 0 would be an illegal access)
+    on_device = torch.cuda.device(queries.device) if queries.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        _fused_topk_kernel[(m_blocks, n_splits)](
+            queries, rows, values, index, n_query, n_rows, dim, rows_per_split,
+            queries.stride(0), rows.stride(0), values.stride(0), values.stride(1),
+            K=k, KP=max(2, 1 << math.ceil(math.log2(k))), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=cfg.block_d, IEEE=dtype == torch.float32, **options)
     return values.view(n_query, -1), index.view(n_query, -1).to(torch.int64)
 

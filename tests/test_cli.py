@@ -109,3 +109,24 @@ def test_models_lists_tiny_and_aliases():
     result = invoke("data", "models")
     names = result.output.split()
     assert {"fklip-tiny", "ViT-B-32", "ViT-B-32-quickgelu", "ViT-L-14", "ViT-B/32"} <= set(names)
+
+
+def test_one_process_commands_refuse_to_run_under_torchrun(tmp_path, monkeypatch):
+    """N copies of extract, predict, export, bench, data or demo would each do all the work and
+    write the same files N times: under torchrun's WORLD_SIZE > 1 they refuse before doing
+    anything; train and eval shard their work and are let through."""
+    from click.testing import CliRunner
+
+    from fklip.cli import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for args in (["extract", "--extract-image-feats", "--image-data", "x.npz"], ["predict"], ["demo"],
+                 ["data", "demo", "--out", str(tmp_path / "d")], ["export", "x.pt", "--out", str(tmp_path / "e")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"`fklip {args[0]}` runs in one process, and this is one of 2" in result.output
+        assert "only eval and train run under torchrun" in result.output
+    assert not list(tmp_path.iterdir())
+    # eval gets past the check (to its own flag errors)
+    result = CliRunner().invoke(cli, ["eval"])
+    assert result.exit_code == 2 and "runs in one process" not in result.output
