@@ -81,9 +81,9 @@ def encode_texts(model, tokenizer: Tokenizer, texts: Sequence[str], batch_size: 
     with tqdm(total=len(texts), desc="encode texts", unit="text", disable=not progress) as bar:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
-            tokens = tokenizer(chunk).to(device)  # (B, context_length)
+            tokens = tokenizer(chunk)  # (B, context_length), cut on the host, then copied
             with _autocast(device, precision):
-                emb = encode_text_trimmed(model, tokens)  # (B, D)
+                emb = encode_text_trimmed(model, tokens, device)  # (B, D)
             out[start:start + len(chunk)] = F.normalize(emb.float(), dim=-1).cpu().numpy()
             bar.update(len(chunk))
     return out

@@ -82,7 +82,10 @@ def select_prototypes(image_emb: Tensor, prototypes: Tensor, top: int = 5) -> tu
     `image_emb` (N, D), `prototypes` (N, S, M, D) -> `pi` (N, S, K) int64, `w` (N, S, K).
     """
     dtype = torch.promote_types(prototypes.dtype, torch.float32)
-    sim = torch.einsum("nsmd,nd->nsm", prototypes.to(dtype), image_emb.detach().to(dtype))  # (N, S, M)
+    # in that dtype even under autocast, which would run the einsum in fp16/bf16 and could
+    # choose other prototypes than the fp32 step does
+    with torch.autocast(image_emb.device.type, enabled=False):
+        sim = torch.einsum("nsmd,nd->nsm", prototypes.to(dtype), image_emb.detach().to(dtype))  # (N, S, M)
     v, pi = torch.sort(sim, dim=-1, descending=True, stable=True)
     v, pi = v[..., :top].clamp_min(0), pi[..., :top]  # (N, S, K)
     norm = v.pow(2).sum(0, keepdim=True).sqrt()  # (1, S, K): L2 over the batch, not over ranks

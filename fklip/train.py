@@ -169,7 +169,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 image_emb = F.normalize(model.encode_image(images).float(), dim=-1)          # (B, D)
-                text_emb = F.normalize(encode_text_trimmed(model, batch.tokens.to(device)).float(), dim=-1)
+                text_emb = F.normalize(encode_text_trimmed(model, batch.tokens, device).float(), dim=-1)
                 scale = model.logit_scale.float().exp()
                 terms = {"contrastive_loss": contrastive(gather_with_grad(image_emb, ctx),
                                                          gather_with_grad(text_emb, ctx), scale)}
@@ -279,8 +279,8 @@ def _encode_prompts(model, tokenizer, prompts: list[list[str]], device: str) -> 
 
     unique = list(dict.fromkeys(p for row in prompts for p in row))
     index = {p: i for i, p in enumerate(unique)}
-    emb = F.normalize(encode_text_trimmed(model, tokenizer(unique).to(device)).float(), dim=-1)  # (U, D)
-    rows = torch.tensor([[index[p] for p in row] for row in prompts], device=emb.device)  # (B, S)
+    emb = F.normalize(encode_text_trimmed(model, tokenizer(unique), device).float(), dim=-1)  # (U, D)
+    rows = torch.tensor([[index[p] for p in row] for row in prompts]).to(emb.device, non_blocking=True)  # (B, S)
     return emb[rows]
 
 

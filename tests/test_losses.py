@@ -405,3 +405,19 @@ def test_concept_on_two_ranks_equals_one_process_with_the_doubled_batch(two_rank
         torch.testing.assert_close(got, loss.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g_text, text.grad[rank * B:(rank + 1) * B], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(g_scale, scale.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_prototype_selection_ignores_autocast():
+    """Under autocast the einsum would run in bf16 (fp16 on CUDA) and near-equal similarities
+    would rank differently: the selection is computed in float32 whatever the context."""
+    from fklip.losses import select_prototypes
+
+    gen = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(16, 64, generator=gen), dim=-1)
+    # 20 prototypes per slot, 1e-4 apart in cosine: bf16 (8 bits of mantissa) cannot tell them apart
+    base = F.normalize(torch.randn(16, 3, 1, 64, generator=gen), dim=-1)
+    protos = F.normalize(base + 1e-4 * torch.randn(16, 3, 20, 64, generator=gen), dim=-1)
+    want = select_prototypes(image, protos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = select_prototypes(image, protos)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -234,6 +234,8 @@ def test_trimmed_text_encoding_equals_the_full_77_positions(tiny_model, truncati
     full = tiny_model.encode_text(tokens)
     trimmed = encode_text_trimmed(tiny_model, tokens)
     torch.testing.assert_close(trimmed, full, atol=2e-5, rtol=0)
+    # host ids cut on the host and copied to the device: the same features
+    torch.testing.assert_close(encode_text_trimmed(tiny_model, tokens, "cpu"), trimmed, atol=0, rtol=0)
     # short prompts only: far fewer positions, same features, same gradients
     short = tok(texts[:2])
     assert int(short.argmax(-1).max()) + 1 < 20
