@@ -362,7 +362,7 @@ def prototype_features(table_ids: Tensor, concept_rows: RowLookup | Mapping[int,
     if kb_emb.shape[0] == 0 or retrieved.shape[0] == 0:
         return kb_emb.new_zeros((*table_ids.shape, retrieved.shape[1], kb_emb.shape[1]))
     lookup = concept_rows if isinstance(concept_rows, RowLookup) else RowLookup(concept_rows)
-    rows = lookup.to(device)(table_ids.to(device))  # (B, S)
+    rows = lookup.to(device)(table_ids.to(device, non_blocking=True))  # (B, S); the host need not wait
     images = retrieved.to(device)[rows.clamp(min=0)]  # (B, S, keep)
     images = torch.where(rows[..., None] >= 0, images, -1)
     features = kb_emb[images.clamp(min=0)]  # (B, S, keep, D)

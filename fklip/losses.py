@@ -188,9 +188,11 @@ def concept_weight(contrastive: Tensor, concept: Tensor, mode: ConceptWeight = "
 
 
 def combine(terms: Mapping[str, Tensor], weight: ConceptWeight = "auto",
-            num_slots: int = 5) -> tuple[Tensor, dict[str, float]]:
+            num_slots: int = 5) -> tuple[Tensor, dict[str, Tensor]]:
     """Sum the named terms: L = (1 - lambda) L_ctr + lambda L_cpt with lambda = `concept_weight(...)`
-    when `terms` has "concept_loss", else L = L_ctr. Returns (L, every term, lambda and L as floats).
+    when `terms` has "concept_loss", else L = L_ctr. Returns (L, every term, lambda and L as
+    detached float32 scalars on L's device: the caller reads them all at once, so that logging
+    does not make the host wait for the device once per value).
     """
     if "contrastive_loss" not in terms:
         raise KeyError(f"combine needs a 'contrastive_loss' term, got {sorted(terms)}")
@@ -198,13 +200,13 @@ def combine(terms: Mapping[str, Tensor], weight: ConceptWeight = "auto",
     if unknown:
         raise KeyError(f"combine got unknown loss terms {sorted(unknown)}")
     ctr = terms["contrastive_loss"]
-    logged = {"contrastive_loss": float(ctr.detach())}
+    logged = {"contrastive_loss": ctr}
     if "concept_loss" in terms:
         cpt = terms["concept_loss"]
         lam = concept_weight(ctr, cpt, weight, num_slots)
         total = (1 - lam) * ctr + lam * cpt
-        logged.update(concept_loss=float(cpt.detach()), concept_weight=float(lam))
+        logged.update(concept_loss=cpt, concept_weight=lam)
     else:
         total = ctr
-    logged["loss"] = float(total.detach())
-    return total, logged
+    logged["loss"] = total
+    return total, {name: value.detach().float().reshape(()) for name, value in logged.items()}

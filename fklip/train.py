@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -179,11 +180,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
                     terms["concept_loss"] = concept(gather_with_grad(image_emb, ctx),
                                                     gather_with_grad(concept_emb, ctx),
                                                     gather_with_grad(protos, ctx), scale)
-            loss, logged = combine(terms, weight_mode)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
-                                    "stopping. The last good checkpoint is left as it was; try a lower "
-                                    "--lr, --grad-clip, or fp32")
+            loss, terms_now = combine(terms, weight_mode)
             (scaler.scale(loss) if scaler else loss).backward()
             _sum_gradients(model, ctx)
             if scaler is not None:
@@ -197,8 +194,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
                 optimizer.step()
             clamp_logit_scale(model)
 
+            # One read from the device per step, after all of it is queued: the loss terms and
+            # the scale together (a float() or .item() per value would stop the host mid-step).
+            # A non-finite loss is caught here, after its update: it stops the run all the same,
+            # before any checkpoint is written.
+            logged = dict(zip([*terms_now, "scale"], torch.stack([*terms_now.values(), scale.detach()]).tolist()))
+            if not math.isfinite(logged["loss"]):
+                raise TrainingError(f"the loss is {logged['loss']} at epoch {epoch + 1}, step {i + 1}; "
+                                    "stopping. The last good checkpoint is left as it was; try a lower "
+                                    "--lr, --grad-clip, or fp32")
             samples_per_s = cfg.batch_size * ctx.world_size / (time.perf_counter() - t_step)
-            logged.update(lr=lr, scale=scale.item(), samples_per_s=samples_per_s)
+            logged.update(lr=lr, samples_per_s=samples_per_s)
             _log(writer, {f"train/{k}": v for k, v in logged.items()}, step)
             bar.set_postfix(loss=f"{logged['loss']:.4f}", samples_s=f"{samples_per_s:.0f}")
             bar.update(1)

@@ -284,8 +284,10 @@ def test_combine_sums_in_one_place_and_logs_every_term():
     total, logged = combine({"contrastive_loss": ctr, "concept_loss": cpt}, "auto")
     lam = 2.0 / 5.0
     assert total.item() == pytest.approx((1 - lam) * 2.0 + lam * 1.0)
-    assert logged == pytest.approx({"contrastive_loss": 2.0, "concept_loss": 1.0,
-                                    "concept_weight": lam, "loss": total.item()})
+    # detached scalars, read by the caller in one go
+    assert all(isinstance(v, torch.Tensor) and v.shape == () and not v.requires_grad for v in logged.values())
+    assert {k: v.item() for k, v in logged.items()} == pytest.approx(
+        {"contrastive_loss": 2.0, "concept_loss": 1.0, "concept_weight": lam, "loss": total.item()})
     total.backward()
     assert ctr.grad.item() == pytest.approx(1 - lam) and cpt.grad.item() == pytest.approx(lam)
     total, logged = combine({"contrastive_loss": ctr}, 0.5)

@@ -358,7 +358,9 @@ def model_input_from_batch(batch, encoding: str, device=None, dtype=None):
         return x if dtype is None else x.to(dtype)
     if encoding != "uint8_hwc":
         raise ValueError(f"unknown image encoding {encoding!r}; expected one of {sorted(ENCODINGS)}")
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    # built on the host and copied without waiting (torch.tensor(..., device=cuda) would make the
+    # host wait for the device's queued work)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1).to(x.device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
     return x if dtype is None else x.to(dtype)
