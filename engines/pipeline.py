@@ -13,80 +13,19 @@ does for the plain PyTorch path.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import partial
-from typing import TypeVar
 
 import numpy as np
 
 from engines.base import Runner, check_tokenizer
+from fklip.background import in_background
 from fklip.data.archive import ImageArchive
 from fklip.encode import alloc_features
 from fklip.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-AHEAD = 2  # batches prepared ahead of the runner
-_POLL_S = 0.05  # how often a blocked reader checks whether it should stop
-
-T = TypeVar("T")
-
-
-@contextmanager
-def in_background(items: Iterable[T], ahead: int = AHEAD) -> Iterator[Iterator[T]]:
-    """Produce `items` in a thread, at most `ahead` ready and waiting; yield an iterator over them.
-
-    An exception raised while producing is re-raised in the caller, at the item it replaced. On
-    leaving the block (normally, by an exception, or early) the thread is stopped and joined.
-    """
-    ready: queue.Queue = queue.Queue(maxsize=ahead)
-    stop = threading.Event()
-
-    def put(entry: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
-            put(("error", e))
-            return
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:  # a generator stopped early runs its cleanup here, in its thread
-                close()
-        put(("done", None))
-
-    def consume() -> Iterator[T]:
-        while True:
-            kind, value = ready.get()
-            if kind == "item":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
-
-    thread = threading.Thread(target=produce, name="fklip-batches", daemon=True)
-    thread.start()
-    try:
-        yield consume()
-    finally:
-        stop.set()
-        thread.join()
-
 
 READ_THREADS = 4  # threads copying one pinned batch out of the archive (see _read_batches)
 

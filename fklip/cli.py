@@ -341,7 +341,7 @@ def eval_command(image_data, text_data, image_standard_path, output_dir, save_fe
 @click.option("--stop-after", type=int, default=None,
               help="End this invocation after N epochs (the schedule still spans --epochs); resume later.")
 @click.option("--workers", type=int, default=0, show_default=True,
-              help="Accepted for compatibility: images are memory-mapped and read in the main process.")
+              help="Above 0: a background thread reads each batch two steps ahead (always so on CUDA).")
 @click.option("--model", default="fklip-tiny", show_default=True, help="Architecture (see `fklip data models`).")
 @click.option("--save-most-recent", is_flag=True, help="Also write checkpoints/epoch_latest.pt every epoch.")
 @click.option("--save-frequency", type=int, default=1, show_default=True, help="Write epoch_N.pt every N epochs.")

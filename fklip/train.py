@@ -7,6 +7,7 @@ processes with batch B follow the trajectory of one process with batch W*B.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,6 +16,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,9 @@ import torch.nn.functional as F
 from fklip.config import TrainConfig, check_device
 from fklip.distributed import DistContext, gather_rows, process_group, shard_range
 from fklip.errors import ConfigError, FklipError
+
+if TYPE_CHECKING:
+    from fklip.train_data import Batch, TrainSet
 
 logger = logging.getLogger(__name__)
 
@@ -158,56 +163,56 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
         bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not ctx.is_main)
         t_epoch = time.perf_counter()
         step_starts = []
-        for i, indices in enumerate(train_set.epoch_batches(epoch, cfg.seed, cfg.batch_size, ctx.rank,
-                                                            ctx.world_size)):
-            t_step, step = time.perf_counter(), epoch * batches + i
-            step_starts.append(t_step)
-            lr = cosine_lr(step, cfg.lr, cfg.warmup, total_steps)
-            set_lr(optimizer, lr)
-            batch = train_set.batch(indices)
-            images = model_input_from_batch(batch.images, archive.encoding, device=device,
-                                            dtype=next(model.parameters()).dtype)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                image_emb = F.normalize(model.encode_image(images).float(), dim=-1)          # (B, D)
-                text_emb = F.normalize(encode_text_trimmed(model, batch.tokens, device).float(), dim=-1)
-                scale = model.logit_scale.float().exp()
-                terms = {"contrastive_loss": contrastive(gather_with_grad(image_emb, ctx),
-                                                         gather_with_grad(text_emb, ctx), scale)}
-                if cfg.is_concept:
-                    concept_emb = _encode_prompts(model, tokenizer, batch.concept_prompts, device)  # (B, S, D)
-                    protos = _prototypes(knowledge, lookups, batch, device)                      # (B, S, M, D)
-                    terms["concept_loss"] = concept(gather_with_grad(image_emb, ctx),
-                                                    gather_with_grad(concept_emb, ctx),
-                                                    gather_with_grad(protos, ctx), scale)
-            loss, terms_now = combine(terms, weight_mode)
-            (scaler.scale(loss) if scaler else loss).backward()
-            _sum_gradients(model, ctx)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            clamp_logit_scale(model)
+        indices = train_set.epoch_batches(epoch, cfg.seed, cfg.batch_size, ctx.rank, ctx.world_size)
+        with _batches_read(train_set, indices, device, ahead=cfg.workers > 0 or device.startswith("cuda")) as ready:
+            for i, batch in enumerate(ready):
+                t_step, step = time.perf_counter(), epoch * batches + i
+                step_starts.append(t_step)
+                lr = cosine_lr(step, cfg.lr, cfg.warmup, total_steps)
+                set_lr(optimizer, lr)
+                images = model_input_from_batch(batch.images, archive.encoding, device=device,
+                                                dtype=next(model.parameters()).dtype)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    image_emb = F.normalize(model.encode_image(images).float(), dim=-1)          # (B, D)
+                    text_emb = F.normalize(encode_text_trimmed(model, batch.tokens, device).float(), dim=-1)
+                    scale = model.logit_scale.float().exp()
+                    terms = {"contrastive_loss": contrastive(gather_with_grad(image_emb, ctx),
+                                                             gather_with_grad(text_emb, ctx), scale)}
+                    if cfg.is_concept:
+                        concept_emb = _encode_prompts(model, tokenizer, batch.concept_prompts, device)  # (B, S, D)
+                        protos = _prototypes(knowledge, lookups, batch, device)                      # (B, S, M, D)
+                        terms["concept_loss"] = concept(gather_with_grad(image_emb, ctx),
+                                                        gather_with_grad(concept_emb, ctx),
+                                                        gather_with_grad(protos, ctx), scale)
+                loss, terms_now = combine(terms, weight_mode)
+                (scaler.scale(loss) if scaler else loss).backward()
+                _sum_gradients(model, ctx)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                clamp_logit_scale(model)
 
-            # One read from the device per step, after all of it is queued: the loss terms and
-            # the scale together (a float() or .item() per value would stop the host mid-step).
-            # A non-finite loss is caught here, after its update: it stops the run all the same,
-            # before any checkpoint is written.
-            logged = dict(zip([*terms_now, "scale"], torch.stack([*terms_now.values(), scale.detach()]).tolist()))
-            if not math.isfinite(logged["loss"]):
-                raise TrainingError(f"the loss is {logged['loss']} at epoch {epoch + 1}, step {i + 1}; "
-                                    "stopping. The last good checkpoint is left as it was; try a lower "
-                                    "--lr, --grad-clip, or fp32")
-            samples_per_s = cfg.batch_size * ctx.world_size / (time.perf_counter() - t_step)
-            logged.update(lr=lr, samples_per_s=samples_per_s)
-            _log(writer, {f"train/{k}": v for k, v in logged.items()}, step)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", samples_s=f"{samples_per_s:.0f}")
-            bar.update(1)
+                # One read from the device per step, after all of it is queued: the loss terms and
+                # the scale together (a float() or .item() per value would stop the host mid-step).
+                # A non-finite loss is caught here, after its update: it stops the run all the same,
+                # before any checkpoint is written.
+                logged = dict(zip([*terms_now, "scale"], torch.stack([*terms_now.values(), scale.detach()]).tolist()))
+                if not math.isfinite(logged["loss"]):
+                    raise TrainingError(f"the loss is {logged['loss']} at epoch {epoch + 1}, step {i + 1}; "
+                                        "stopping. The last good checkpoint is left as it was; try a lower "
+                                        "--lr, --grad-clip, or fp32")
+                samples_per_s = cfg.batch_size * ctx.world_size / (time.perf_counter() - t_step)
+                logged.update(lr=lr, samples_per_s=samples_per_s)
+                _log(writer, {f"train/{k}": v for k, v in logged.items()}, step)
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", samples_s=f"{samples_per_s:.0f}")
+                bar.update(1)
         bar.close()
 
         record = {"epoch": epoch + 1, "loss": logged["loss"], "epoch_s": time.perf_counter() - t_epoch,
@@ -268,6 +273,32 @@ def _sum_gradients(model: torch.nn.Module, ctx: DistContext) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+@contextlib.contextmanager
+def _batches_read(train_set: TrainSet, indices, device: str, ahead: bool):
+    """The epoch's batches. With `ahead` (CUDA, or --workers > 0) a background thread reads them,
+    two ahead of the step, so reading overlaps the device's work; on CUDA into pinned memory,
+    so that the step's copy to the device is asynchronous."""
+    pin = device.startswith("cuda")
+
+    def read(rows: list[int]) -> Batch:
+        if not pin:
+            return train_set.batch(rows)
+        archive = train_set.archive
+        dtype = torch.uint8 if archive.encoding == "uint8_hwc" else torch.float32
+        # torch's caching host allocator recycles a pinned block once its copy has finished
+        pixels = torch.empty((len(rows), *archive.image_shape), dtype=dtype, pin_memory=True)
+        return dataclasses.replace(train_set.batch(rows, out=pixels.numpy()), images=pixels)
+
+    batches = map(read, indices)
+    if not ahead:
+        yield batches
+        return
+    from fklip.background import in_background
+
+    with in_background(batches) as ready:
+        yield ready
 
 
 def _steady_step_s(starts: list[float], end: float) -> float | None:

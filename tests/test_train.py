@@ -224,3 +224,36 @@ def test_steady_step_time_leaves_out_the_first_step():
     assert _steady_step_s([0.0, 5.0, 6.0, 8.0], 9.0) == 1.0  # the median of 1, 2, 1
     assert _steady_step_s([0.0, 5.0], 6.0) == 1.0
     assert _steady_step_s([0.0], 4.0) is None  # one step: nothing steady to report
+
+
+def test_batches_read_ahead_train_the_same(tmp_path, demo, monkeypatch):
+    """--workers 1 reads the batches in a background thread, two ahead of the step (what CUDA
+    runs always do): the same batches in the same order, so the same weights and losses. A
+    failing read still stops the run with its own error."""
+    import fklip.train_data
+
+    args = ("--is-concept", "--is-data-concept", "--is-update", "--report-to", "tensorboard")
+    assert invoke(train_args(demo, tmp_path, "main", *args)).exit_code == 0
+    ahead = invoke(train_args(demo, tmp_path, "ahead", *args, "--workers", 1))
+    assert ahead.exit_code == 0, ahead.output
+    for name in ("contrastive_loss", "concept_loss", "loss"):
+        assert scalars(tmp_path / "ahead")[f"train/{name}"] == scalars(tmp_path / "main")[f"train/{name}"]
+    a, b = weights(tmp_path / "main" / "checkpoints" / "epoch_2.pt"), weights(tmp_path / "ahead" / "checkpoints" / "epoch_2.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    calls = []
+    real = fklip.train_data.TrainSet.batch
+
+    def failing(self, rows, out=None):
+        import threading
+
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise OSError("the archive's disk went away")
+        return real(self, rows, out)
+
+    monkeypatch.setattr(fklip.train_data.TrainSet, "batch", failing)
+    broken = invoke(train_args(demo, tmp_path, "broken", "--workers", 1))
+    assert broken.exit_code != 0 and isinstance(broken.exception, OSError)
+    assert "disk went away" in str(broken.exception)
+    assert calls == ["fklip-batches"] * 3  # read in the background thread
