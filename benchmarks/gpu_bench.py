@@ -476,7 +476,9 @@ def train_section(args, tmp: Path) -> dict:
 
     spec, model, _ = random_model(args.model, tmp)
     device = args.device
-    demo = generate_demo(DemoDataConfig(out=tmp / "demo", size=spec.image_size, train=args.train_products, val=4, kb=8))
+    # uint8 pixels, as a real training archive holds them (float32 would read and copy 4x the bytes)
+    demo = generate_demo(DemoDataConfig(out=tmp / "demo", size=spec.image_size, train=args.train_products, val=4, kb=8,
+                                        encoding="uint8_hwc"))
     tok = build_tokenizer(spec)
     vocabs = {"data": (load_vocabulary(demo.concept_queries, demo.concept_fathers), tok),
               "kb": (load_vocabulary(demo.kb_concept_queries, demo.kb_concept_fathers), tok)}
