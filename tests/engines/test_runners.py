@@ -133,6 +133,28 @@ def reference(tiny_checkpoint, tiny_archives):
     return out
 
 
+def test_plain_path_reads_ahead_to_the_same_features(tiny_checkpoint, tiny_archives, reference, monkeypatch):
+    """fklip.encode.encode_archive with the next batches read in a background thread (the CUDA
+    default; here forced on the CPU): the same features, in the same order, both encodings."""
+    import threading
+
+    from fklip.data.archive import ImageArchive
+    from fklip.encode import encode_archive, prepare_model
+    from fklip.model import load_checkpoint
+
+    model = prepare_model(load_checkpoint(tiny_checkpoint).model, "cpu", "fp32")
+    for encoding, path in tiny_archives.items():
+        with ImageArchive(path) as archive:  # batch 16: several batches, a partial last one
+            want = encode_archive(model, archive, 16, read_ahead=False)
+            readers, read = [], archive.read_batch
+            monkeypatch.setattr(archive, "read_batch", lambda *a, readers=readers, read=read, **k: readers.append(
+                threading.current_thread().name) or read(*a, **k))
+            got = encode_archive(model, archive, 16, read_ahead=True)
+        np.testing.assert_array_equal(got, want)
+        assert readers == ["fklip-batches"] * -(-N_IMAGES // 16)  # every batch read in the background
+        assert_within(got, reference[encoding], {"min_cosine": 0.99999, "max_abs": 1e-6})
+
+
 def test_every_backend_has_a_case():
     """STYLE principle 5: a registered backend without a test case fails here."""
     assert set(CASES) == set(BACKENDS)
