@@ -48,7 +48,7 @@ step() {
     local name=$1 limit=$2 log=$3 err=$4 left rc
     shift 4
     left=$((deadline - SECONDS))
-    if [ "$left" -lt $((limit / 2)) ]; then
+    if [ "$left" -lt 1 ] || [ "$left" -lt $((limit / 2)) ]; then
         echo "gpu.sh: $name skipped: ${left} s left before the deadline, it needs up to ${limit} s" | tee -a "$OUT/gpu.txt"
         status=1
         return
@@ -83,8 +83,9 @@ if [ "$mode" != checks ]; then
     rm -f "$OUT/gpu_bench.json" "$OUT/gpu_bench.txt" "$OUT/gpu_bench.err"
     # seconds each section may take on an H100 (ViT-B-32; archives written, warm-ups, 3 repeats)
     for section in ${GPU_BENCH_SECTIONS:-topk:45 image:70 text:50 eval:70 train:80}; do
-        name=${section%%:*}
-        step "gpu_bench $name" "${section##*:}" "$OUT/gpu_bench.txt" "$OUT/gpu_bench.err" \
+        name=${section%%:*} limit=${section#*:}
+        [ "$limit" = "$section" ] && limit=60  # a section named without its limit
+        step "gpu_bench $name" "$limit" "$OUT/gpu_bench.txt" "$OUT/gpu_bench.err" \
             python3 benchmarks/gpu_bench.py --sections "$name" --json-out "$OUT/gpu_bench.json" "${GPU_BENCH_ARGS[@]}"
     done
 fi

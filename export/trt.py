@@ -396,10 +396,15 @@ def _build_lock(path: Path, log: logging.Logger):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("Waiting for another process building the engine (lock %s)", path)
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("Waiting for another process building the engine (lock %s)", path)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without locks (NFS without lockd, some FUSE mounts)
+            log.warning("%s: no build lock here (%s); building without one", path, e)
+            yield
+            return
         try:
             yield
         finally:

@@ -47,7 +47,8 @@ def cli(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     command, world = click.get_current_context().invoked_subcommand, os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1 and command not in DISTRIBUTED_COMMANDS:
+    asks_help = bool({"-h", "--help"} & set(sys.argv[1:]))
+    if world.isdigit() and int(world) > 1 and command not in DISTRIBUTED_COMMANDS and not asks_help:
         # N copies of a one-process command would each do all the work on the same device and
         # write the same files N times
         raise ConfigError(f"`fklip {command}` runs in one process, and this is one of {world} (torchrun's "

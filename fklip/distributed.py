@@ -72,7 +72,7 @@ def _timeout() -> datetime.timedelta:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
+    if not 0 < seconds <= 10**9:  # NaN and inf fail too
         raise ConfigError(f"FKLIP_DIST_TIMEOUT_S: expected a positive number of seconds, got {value!r}")
     return datetime.timedelta(seconds=seconds)
 

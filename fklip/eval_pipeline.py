@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fklip.config import EvalConfig, check_device
+from fklip.config import EvalConfig, SearchConfig, check_device
 from fklip.distributed import (
     DistContext,
     gather_rows,
@@ -87,6 +87,15 @@ def run_eval(cfg: EvalConfig, make_encoder=None) -> dict | None:
         return _run(cfg, ctx, make_encoder)
 
 
+def rank_search_config(search: SearchConfig, ctx: DistContext) -> SearchConfig:
+    """The search on this rank's GPU under torchrun, where `--device cuda:N` means cuda:LOCAL_RANK
+    for each rank (ctx.device): taken as given, every rank would search on GPU N. In one process
+    the search device is the caller's."""
+    if ctx.distributed and search.device.startswith("cuda"):
+        return dataclasses.replace(search, device=ctx.device)
+    return search
+
+
 def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:
     from fklip.data.archive import ImageArchive
     from fklip.data.jsonl import check_unique_ids, id_key, read_val_queries
@@ -94,9 +103,7 @@ def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:
 
     enc, started = cfg.encode, time.perf_counter()
     device = check_device(ctx.device)
-    # this rank's device: under torchrun `--device cuda:N` still means cuda:LOCAL_RANK for each
-    # rank (ctx.device), or every rank would search on GPU N
-    search_cfg = dataclasses.replace(cfg.search, device=device)
+    search_cfg = rank_search_config(cfg.search, ctx)
 
     # ---- load and check everything before the slow work
     queries = read_val_queries(cfg.text_data)

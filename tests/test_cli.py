@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -130,3 +131,7 @@ def test_one_process_commands_refuse_to_run_under_torchrun(tmp_path, monkeypatch
     # eval gets past the check (to its own flag errors)
     result = CliRunner().invoke(cli, ["eval"])
     assert result.exit_code == 2 and "runs in one process" not in result.output
+    # asking for help is never refused
+    monkeypatch.setattr(sys, "argv", ["fklip", "extract", "--help"])
+    result = CliRunner().invoke(cli, ["extract", "--help"])
+    assert result.exit_code == 0 and "Usage: cli extract" in result.output

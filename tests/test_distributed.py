@@ -34,7 +34,7 @@ def test_process_group_gets_a_long_timeout(torchrun_env, monkeypatch):
     monkeypatch.setenv("FKLIP_DIST_TIMEOUT_S", "90")
     distributed.init_distributed("cpu")
     assert torchrun_env[-1][1]["timeout"] == datetime.timedelta(seconds=90)
-    for bad in ("soon", "0", "-5"):
+    for bad in ("soon", "0", "-5", "inf", "nan", "1e20"):
         monkeypatch.setenv("FKLIP_DIST_TIMEOUT_S", bad)
         with pytest.raises(ConfigError, match=f"FKLIP_DIST_TIMEOUT_S: expected a positive number of seconds, got '{bad}'"):
             distributed.init_distributed("cpu")

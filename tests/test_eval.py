@@ -169,18 +169,15 @@ def test_eval_bad_inputs(tmp_path, small_demo, tiny_checkpoint):
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
-def test_search_runs_on_this_ranks_device_not_the_flags(tmp_path, small_demo, tiny_checkpoint):
-    """Under torchrun `--device cuda:N` means cuda:LOCAL_RANK for each rank (the context's
-    device); the search must go there too, not to the flag's device (every rank on GPU N).
-    Here the flag says cuda:1 and the context says cpu: the run must search on the CPU."""
-    from fklip.config import EncodeConfig, EvalConfig, SearchConfig
+def test_search_runs_on_this_ranks_device_not_the_flags():
+    """Under torchrun `--device cuda:0` means cuda:LOCAL_RANK for each rank; the search must go
+    there too, not to the flag's device (every rank on GPU 0). One process keeps its own."""
+    from fklip.config import SearchConfig
     from fklip.distributed import DistContext
-    from fklip.eval_pipeline import _run
+    from fklip.eval_pipeline import rank_search_config
 
-    assert invoke(eval_args(small_demo, tiny_checkpoint, tmp_path / "plain")).exit_code == 0
-    cfg = EvalConfig(encode=EncodeConfig(checkpoint=tiny_checkpoint), search=SearchConfig(device="cuda:1"),
-                     image_data=small_demo.val_images, text_data=small_demo.val_queries,
-                     output_dir=tmp_path / "rank")
-    (tmp_path / "rank").mkdir()
-    assert _run(cfg, DistContext(device="cpu"), None) is not None
-    assert read_outputs(tmp_path / "rank") == read_outputs(tmp_path / "plain")
+    flag = SearchConfig(device="cuda:0")
+    assert rank_search_config(flag, DistContext(rank=3, world_size=4, local_rank=3, device="cuda:3")).device == "cuda:3"
+    assert rank_search_config(flag, DistContext(device="cuda:0")) is flag
+    on_cpu = SearchConfig(device="cpu")  # a CPU search under torchrun stays on the CPU
+    assert rank_search_config(on_cpu, DistContext(rank=1, world_size=2, local_rank=1, device="cuda:1")) is on_cpu

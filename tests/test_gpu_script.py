@@ -76,7 +76,10 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
 def test_gpu_script_records_steps_stopped_or_skipped(tmp_path):
     """A section past its limit is stopped and recorded as unfinished in the JSON; a step that
     could not finish before the deadline is skipped and said to be; the exit code is 1."""
-    r = _gpu_sh("bench", tmp_path / "stopped", GPU_BENCH_SECTIONS="eval:10")
+    # 20,000 pairs: the section takes about two minutes on 2 cores, far past its 12 s limit,
+    # and its start is recorded a few seconds in (after the imports)
+    r = _gpu_sh("bench", tmp_path / "stopped", GPU_BENCH_SECTIONS="eval:12",
+                GPU_BENCH_ARGS="--device cpu --model fklip-tiny --eval-size 20000 --repeats 1")
     assert r.returncode == 1
     report = json.loads((tmp_path / "stopped" / "gpu_bench.json").read_text())
     assert "never finished: the process was stopped" in report["eval"]["error"]

@@ -272,6 +272,31 @@ def test_concurrent_builds_of_one_engine_build_it_once(tmp_path, monkeypatch):
     assert results[0][:2] == results[1][:2]
 
 
+def test_a_filesystem_without_locks_still_builds(tmp_path, monkeypatch, caplog):
+    """flock fails on NFS without lockd and on some FUSE mounts: the build goes on, unlocked."""
+    import errno
+    import fcntl
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    built = []
+
+    def build(onnx_path, engine_path, profiles, cache_path, workspace_bytes=None, log=None):
+        built.append(engine_path)
+        engine_path.write_bytes(b"engine")
+        return {}
+
+    monkeypatch.setattr(export_trt, "engine_from_onnx", build)
+    profiles = profiles_for(image_tower_spec(224, 512), 8, 32)
+    with caplog.at_level("WARNING", logger="export.trt"):
+        plan, _, was_built = load_or_build_engine(tmp_path, "image", tmp_path / "image.onnx", "cd" * 32, "fp32",
+                                                  profiles, FACTS)
+    assert was_built and built == [plan] and plan.is_file()
+    assert "no build lock here" in caplog.text and "No locks available" in caplog.text
+
+
 def test_building_without_tensorrt_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     profiles = profiles_for(image_tower_spec(224, 512), 8, 32)
