@@ -61,14 +61,10 @@ def _read_batches(archive: ImageArchive, ids: list, batch_size: int, pin: bool) 
         for start in range(0, len(ids), batch_size):
             yield start, archive.read_batch(ids[start:start + batch_size])
         return
-    import torch
-
-    dtype = torch.uint8 if archive.encoding == "uint8_hwc" else torch.float32
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="fklip-read") as pool:
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size]
-            # torch's caching host allocator recycles pinned blocks once their copies have finished
-            batch = torch.empty((len(chunk), *archive.image_shape), dtype=dtype, pin_memory=True)
+            batch = archive.empty_pinned(len(chunk))
             out = batch.numpy()
             cuts = np.linspace(0, len(chunk), min(READ_THREADS, len(chunk)) + 1).astype(int)
             list(pool.map(partial(_read_rows, archive, chunk, out), cuts[:-1], cuts[1:]))

@@ -66,8 +66,13 @@ def engine_cache_key(gpu_name: str, compute_capability: str, trt_version: str, p
              "trt_version": trt_version, "precision": precision,
              "profiles": profiles_as_dict(profiles), "onnx_sha256": onnx_sha256}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    return "-".join([_device_slug(gpu_name, compute_capability, trt_version), _slug(precision), digest])
+
+
+def _device_slug(gpu_name: str, compute_capability: str, trt_version: str) -> str:
+    """What an engine or a timing cache is tied to, readable: `nvidia-h100-80gb-hbm3-sm90-trt10.9.0.34`."""
     sm = "sm" + re.sub(r"[^0-9]", "", str(compute_capability))
-    return "-".join([_slug(gpu_name), sm, "trt" + _slug(trt_version), _slug(precision), digest])
+    return "-".join([_slug(gpu_name), sm, "trt" + _slug(trt_version)])
 
 
 def engine_record(tower: str, precision: str, profiles: dict[str, ShapeRange], onnx_sha256: str,
@@ -93,9 +98,8 @@ def timing_cache_path(engine_dir: str | os.PathLike, facts: dict) -> Path:
     """The timing cache that the builds in an export folder share on one kind of GPU and one
     TensorRT version: TensorRT refuses a cache from another device, so one file for all would
     be thrown away and overwritten each time the folder moves between two GPUs."""
-    sm = "sm" + re.sub(r"[^0-9]", "", str(facts["compute_capability"]))
-    name = f"timing-{_slug(facts['gpu_name'])}-{sm}-trt{_slug(facts['trt_version'])}.cache"
-    return Path(engine_dir) / ENGINES_DIR / name
+    slug = _device_slug(facts["gpu_name"], facts["compute_capability"], facts["trt_version"])
+    return Path(engine_dir) / ENGINES_DIR / f"timing-{slug}.cache"
 
 
 def rebuild_reason(plan_path: Path, record_path: Path, expected: dict) -> str | None:

@@ -16,12 +16,16 @@ T = TypeVar("T")
 
 
 @contextmanager
-def in_background(items: Iterable[T], ahead: int = AHEAD) -> Iterator[Iterator[T]]:
+def in_background(items: Iterable[T], ahead: int = AHEAD, enabled: bool = True) -> Iterator[Iterator[T]]:
     """Produce `items` in a thread, at most `ahead` ready and waiting; yield an iterator over them.
 
     An exception raised while producing is re-raised in the caller, at the item it replaced. On
     leaving the block (normally, by an exception, or early) the thread is stopped and joined.
+    Not `enabled`: the items are produced in the caller's thread, as it iterates.
     """
+    if not enabled:
+        yield iter(items)
+        return
     ready: queue.Queue = queue.Queue(maxsize=ahead)
     stop = threading.Event()
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fklip.background import in_background
 from fklip.data.archive import ImageArchive, model_input_from_batch
 from fklip.model import Tokenizer, encode_text_trimmed
 
@@ -47,16 +48,13 @@ def alloc_features(n: int, dim: int, out: np.ndarray | None) -> np.ndarray:
 
 
 def _archive_batches(archive: ImageArchive, ids: list, batch_size: int, pin: bool):
-    """The batches of `ids`; with `pin`, each read into pinned host memory (a torch tensor), so
-    that its copy to the GPU is asynchronous (torch's caching host allocator recycles a block once
-    its copy has finished)."""
+    """The batches of `ids`; with `pin`, each read into pinned host memory (a torch tensor)."""
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
         if not pin:
             yield archive.read_batch(chunk)
             continue
-        dtype = torch.uint8 if archive.encoding == "uint8_hwc" else torch.float32
-        pixels = torch.empty((len(chunk), *archive.image_shape), dtype=dtype, pin_memory=True)
+        pixels = archive.empty_pinned(len(chunk))
         archive.read_batch(chunk, out=pixels.numpy())
         yield pixels
 
@@ -72,18 +70,15 @@ def encode_archive(model, archive: ImageArchive, batch_size: int = 256, device: 
     pinned memory) while the model encodes this one: the same features."""
     from tqdm import tqdm
 
-    from fklip.background import in_background
-
     ids = list(archive.ids if image_ids is None else image_ids)
     dim = model.visual.output_dim
     out = alloc_features(len(ids), dim, out)
     dtype = _input_dtype(model)
     cuda = str(device).startswith("cuda")
     batches = _archive_batches(archive, ids, batch_size, pin=cuda)
-    ahead = cuda if read_ahead is None else read_ahead
     row = 0
     with tqdm(total=len(ids), desc="encode images", unit="img", disable=not progress) as bar, \
-            (in_background(batches) if ahead else contextlib.nullcontext(batches)) as ready:
+            in_background(batches, enabled=cuda if read_ahead is None else read_ahead) as ready:
         for batch in ready:
             x = model_input_from_batch(batch, archive.encoding, device=device, dtype=dtype)  # (B, 3, H, W)
             with _autocast(device, precision):

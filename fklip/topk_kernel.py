@@ -157,7 +157,7 @@ def fused_topk(queries: Tensor, rows: Tensor, k: int, *, splits: int | None = No
     rows = rows.to(dtype).contiguous()  # (N, D)
     n_query, dim = queries.shape
     n_rows = rows.shape[0]
-    if max(n_query, n_rows) * dim >= 2**31:  # the kernel's element offsets are int32
+    if max(n_query, n_rows) * dim > MAX_ELEMENTS:
         raise ValueError(f"fused top-k takes at most {MAX_ELEMENTS} elements per operand, got "
                          f"({n_query} and {n_rows}) x {dim}; call it on chunks")
     m_blocks = -(-n_query // cfg.block_m)

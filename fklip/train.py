@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fklip.background import in_background
 from fklip.config import TrainConfig, check_device
 from fklip.distributed import DistContext, gather_rows, process_group, shard_range
 from fklip.errors import ConfigError, FklipError
@@ -245,8 +246,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
 
 
 def _autocast(precision: str, device: str):
-    import contextlib
-
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if precision == "amp":
         return torch.autocast(device_type, dtype=torch.float16)
@@ -275,7 +274,6 @@ def _sum_gradients(model: torch.nn.Module, ctx: DistContext) -> None:
         offset += g.numel()
 
 
-@contextlib.contextmanager
 def _batches_read(train_set: TrainSet, indices, device: str, ahead: bool):
     """The epoch's batches. With `ahead` (CUDA, or --workers > 0) a background thread reads them,
     two ahead of the step, so reading overlaps the device's work; on CUDA into pinned memory,
@@ -285,20 +283,10 @@ def _batches_read(train_set: TrainSet, indices, device: str, ahead: bool):
     def read(rows: list[int]) -> Batch:
         if not pin:
             return train_set.batch(rows)
-        archive = train_set.archive
-        dtype = torch.uint8 if archive.encoding == "uint8_hwc" else torch.float32
-        # torch's caching host allocator recycles a pinned block once its copy has finished
-        pixels = torch.empty((len(rows), *archive.image_shape), dtype=dtype, pin_memory=True)
+        pixels = train_set.archive.empty_pinned(len(rows))
         return dataclasses.replace(train_set.batch(rows, out=pixels.numpy()), images=pixels)
 
-    batches = map(read, indices)
-    if not ahead:
-        yield batches
-        return
-    from fklip.background import in_background
-
-    with in_background(batches) as ready:
-        yield ready
+    return in_background(map(read, indices), enabled=ahead)
 
 
 def _steady_step_s(starts: list[float], end: float) -> float | None:

@@ -177,6 +177,15 @@ class ImageArchive:
         """The shape of one member: (3, H, W) or (H, W, 3)."""
         return self._members[self.ids[0]].shape
 
+    def empty_pinned(self, n: int):
+        """An empty (n, ...) torch tensor for n images in pinned host memory, in the archive's
+        pixel dtype: `read_batch(ids, out=t.numpy())` fills it, and its copy to a GPU is then
+        asynchronous (torch's caching host allocator recycles the block once that copy is done)."""
+        import torch
+
+        dtype = torch.from_numpy(np.empty(0, self._members[self.ids[0]].dtype)).dtype
+        return torch.empty((n, *self.image_shape), dtype=dtype, pin_memory=True)
+
     @property
     def nbytes(self) -> int:
         """Size of all decoded images, in bytes."""
