@@ -111,7 +111,7 @@ def make_exports(ckpt: Path, tmp: Path, precisions: Sequence[str], int8: bool = 
                 folders["int8"] = folder
             except ExportError as e:  # --int8 outside its tolerance: measured without it, and said so
                 facts["int8_export_error"] = str(e)
-                run_export(ExportConfig(**common, force=True))
+                run_export(ExportConfig(**common, overwrite=True))
         else:
             run_export(ExportConfig(**common))
         folders[precision] = folder

@@ -2,14 +2,14 @@
 against the PyTorch model, described by `manifest.json`.
 
 Everything is written into a hidden folder beside `--out` and renamed into place only when
-every check passed, so a failed export leaves nothing behind (and an earlier export intact).
+every check passed, so a failed export leaves nothing behind (and an earlier export intact);
+`--out` is claimed for the run, so two exports into it cannot mix.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +22,7 @@ from export.parity import check_tower
 from export.specs import TOLERANCES, TowerSpec, image_tower_spec, text_tower_spec
 from fklip.config import ExportConfig
 from fklip.errors import ConfigError, raise_collected
+from fklip.io import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +37,17 @@ def run_export(cfg: ExportConfig) -> dict:
         if path is not None and not path.is_file():
             raise ConfigError(f"{flag} {path}: no such file")
     trt_facts = _trt_preflight() if cfg.trt else None  # before any slow work
-    _check_out(cfg.out, cfg.force)
-    ckpt = load_checkpoint(cfg.checkpoint, model_name=cfg.model, truncation=cfg.truncation,
-                           trust=cfg.trust_checkpoint)
-    spec = ckpt.spec
-    specs = {"image": image_tower_spec(spec.image_size, spec.embed_dim, cfg.uint8_input),
-             "text": text_tower_spec(spec.context_length, spec.embed_dim, cfg.ids_dtype)}
-    real = _real_inputs(cfg, ckpt, specs)
-
-    tmp = cfg.out.parent / f".{cfg.out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    _check_out(cfg.out, cfg.overwrite, {"CHECKPOINT": cfg.checkpoint, "--parity-images": cfg.parity_images,
+                                    "--parity-texts": cfg.parity_texts})
+    # built in a hidden folder beside --out (claimed: a second export there stops at once) and
+    # swapped into place when every check passed
+    with staged_folder(cfg.out) as tmp:
+        ckpt = load_checkpoint(cfg.checkpoint, model_name=cfg.model, truncation=cfg.truncation,
+                               trust=cfg.trust_checkpoint)
+        spec = ckpt.spec
+        specs = {"image": image_tower_spec(spec.image_size, spec.embed_dim, cfg.uint8_input),
+                 "text": text_tower_spec(spec.context_length, spec.embed_dim, cfg.ids_dtype)}
+        real = _real_inputs(cfg, ckpt, specs)
         towers = _export_towers(ckpt.model, specs, real, cfg.precision, cfg.uint8_input, tmp)
         int8 = _export_int8(ckpt.model, specs, real, tmp) if cfg.int8 else None
         source = {"checkpoint": str(cfg.checkpoint.resolve()), "sha256": sha256_of(cfg.checkpoint),
@@ -58,9 +58,6 @@ def run_export(cfg: ExportConfig) -> dict:
             trt = {"device": trt_facts, **_build_engines(ckpt.model, specs, real, tmp, cfg.precision)}
             manifest = _manifest(cfg, spec, source, towers, int8, trt)
             write_json(tmp / MANIFEST_NAME, manifest)
-        _move_into_place(tmp, cfg.out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
@@ -73,26 +70,21 @@ def _manifest(cfg: ExportConfig, spec, source: dict, towers: dict, int8: dict | 
         source=source, towers=towers, int8=int8, trt=trt)
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
+    """--out is new, empty, or (with --overwrite) an earlier export holding none of the inputs."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MANIFEST_NAME).is_file():
             raise ConfigError(f"--out {out}: folder is not empty and holds no fklip export; "
                               "choose a new folder")
-        if not force:
-            raise ConfigError(f"--out {out}: holds an earlier export; pass --force to replace it")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder over `out`; an earlier export is removed only after that."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if not overwrite:
+            raise ConfigError(f"--out {out}: holds an earlier export; pass --overwrite to replace it")
+        inside = [f"{flag} {p}" for flag, p in inputs.items()
+                  if p is not None and Path(os.path.realpath(p)).is_relative_to(os.path.realpath(out))]
+        if inside:
+            raise ConfigError(f"--out {out}: replacing it would remove the input {inside[0]}; copy it "
+                              "elsewhere or export into another folder")
 
 
 def _trt_preflight() -> dict:

@@ -6,6 +6,7 @@ open_clip) happen inside the commands, so `fklip --help` is instant.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -22,8 +23,22 @@ PENDING: dict[str, tuple[str, int]] = {}
 DISTRIBUTED_COMMANDS = {"train", "eval"}  # the ones that shard their work under torchrun
 
 
+def _usage_line(e: click.UsageError) -> str:
+    """click's usage error (three lines: usage, hint, error) as one line naming the help to read."""
+    where = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
+    return f"fklip: error: {e.format_message().rstrip('.')}{where}"
+
+
 class FklipGroup(click.Group):
-    """Turns fklip's typed errors into one line on stderr and their exit code."""
+    """Turns fklip's typed errors, click's usage errors and failed reads or writes into one line
+    on stderr and their exit code (2; 3 for a pending command; 130 when interrupted)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            click.echo(_usage_line(e), err=True)
+            raise click.exceptions.Exit(e.exit_code) from None
 
     def invoke(self, ctx: click.Context):
         try:
@@ -31,6 +46,15 @@ class FklipGroup(click.Group):
         except FklipError as e:
             click.echo(f"fklip: error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except click.UsageError as e:
+            click.echo(_usage_line(e), err=True)
+            ctx.exit(e.exit_code)
+        except OSError as e:  # a read or write the command did not turn into a FklipError itself
+            if e.errno == errno.EPIPE:
+                raise
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            click.echo(f"fklip: error: {where}{e.strerror or e}", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("fklip: interrupted", err=True)
             ctx.exit(130)
@@ -89,12 +113,17 @@ def data() -> None:
 @click.option("--kb", "n_kb", type=int, default=400, show_default=True, help="Knowledge-base images.")
 @click.option("--encoding", type=click.Choice(["float32_chw", "uint8_hwc"]), default="float32_chw",
               show_default=True, help="The original's normalised float32 CHW arrays, or uint8 HWC pixels.")
-def data_demo(out: Path, seed: int, size: int, n_train: int, n_val: int, n_kb: int, encoding: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a demo dataset in --out made with other settings.")
+def data_demo(out: Path, seed: int, size: int, n_train: int, n_val: int, n_kb: int, encoding: str,
+              overwrite: bool) -> None:
     """Generate the procedural demo dataset (garments, captions, concepts, knowledge base)."""
-    from fklip.data.demo import DemoDataConfig, generate_demo
+    from fklip.data.demo import DemoDataConfig, check_demo_out, generate_demo
 
     cfg = DemoDataConfig(out=out, seed=seed, size=size, train=n_train, val=n_val, kb=n_kb,
                          encoding=encoding)
+    if check_demo_out(cfg, overwrite):
+        click.echo(f"{out} already holds this demo dataset (same settings, complete); left as it is")
+        return
     paths = generate_demo(cfg, progress=True)
     click.echo(f"wrote the demo dataset to {paths.root}")
 
@@ -190,9 +219,10 @@ def _make_encoder():
               help="jsonl: the original's files; npy: a memory-mappable matrix plus <name>.ids.jsonl.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Matrix dtype of --format npy.")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist already (never an input).")
 @_encode_options
 def extract(extract_image_feats, extract_text_feats, image_data, text_data, image_feat_output_path,
-            text_feat_output_path, fmt, dtype, **encode) -> None:
+            text_feat_output_path, fmt, dtype, overwrite, **encode) -> None:
     """Encode images and captions into feature files (the original's eval/extract_features.py)."""
     from fklip.config import ExtractConfig
     from fklip.extract import run_extract
@@ -205,7 +235,7 @@ def extract(extract_image_feats, extract_text_feats, image_data, text_data, imag
             raise ConfigError(f"{data_flag} is given but {flag} is not; pass {flag} to extract it")
     cfg = ExtractConfig(encode=_encode_config(**encode), image_data=image_data, text_data=text_data,
                         image_output=image_feat_output_path, text_output=text_feat_output_path,
-                        fmt=fmt, dtype=dtype)
+                        fmt=fmt, dtype=dtype, overwrite=overwrite)
     for item in run_extract(cfg, _make_encoder()):
         click.echo(f"{item['kind']} features: {item['count']} rows -> {', '.join(item['files'])}")
 
@@ -245,9 +275,10 @@ def _echo_recalls(summary: dict) -> None:
 @click.option("--text-out-path", type=click.Path(path_type=Path), help="Text-to-image score JSON.")
 @click.option("--image-out-path", type=click.Path(path_type=Path), help="Image-to-text score JSON.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist already (never an input).")
 @_search_options
 def predict(image_feats, text_feats, output_images, output_texts, text_standard_path, image_standard_path,
-            text_out_path, image_out_path, device, top_k, gallery_chunk, query_chunk) -> None:
+            text_out_path, image_out_path, device, overwrite, top_k, gallery_chunk, query_chunk) -> None:
     """Exact top-k predictions and recall scores from feature files (the original's eval/predict_evaluate.py)."""
     from fklip.config import PredictConfig, SearchConfig, check_device
     from fklip.evaluate import run_predict
@@ -257,7 +288,7 @@ def predict(image_feats, text_feats, output_images, output_texts, text_standard_
     cfg = PredictConfig(image_feats=image_feats, text_feats=text_feats, search=search,
                         output_images=output_images, output_texts=output_texts,
                         text_standard_path=text_standard_path, image_standard_path=image_standard_path,
-                        text_out_path=text_out_path, image_out_path=image_out_path)
+                        text_out_path=text_out_path, image_out_path=image_out_path, overwrite=overwrite)
     _echo_recalls(run_predict(cfg))
 
 
@@ -271,10 +302,11 @@ def predict(image_feats, text_feats, output_images, output_texts, text_standard_
               help="Where predictions, scores and metrics.json go.")
 @click.option("--save-features", type=click.Choice(["none", "jsonl", "npy"]), default="none", show_default=True,
               help="Also write the features, for `fklip predict`.")
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier evaluation in --output-dir (never an input).")
 @_encode_options
 @_search_options
-def eval_command(image_data, text_data, image_standard_path, output_dir, save_features, top_k, gallery_chunk,
-                 query_chunk, **encode) -> None:
+def eval_command(image_data, text_data, image_standard_path, output_dir, save_features, overwrite, top_k,
+                 gallery_chunk, query_chunk, **encode) -> None:
     """Checkpoint and raw validation files to predictions, scores and metrics, in one command.
 
     Under torchrun, encoding and search are sharded across the processes and merged exactly.
@@ -286,7 +318,7 @@ def eval_command(image_data, text_data, image_standard_path, output_dir, save_fe
     search = SearchConfig(top_k=top_k, query_chunk=query_chunk, gallery_chunk=gallery_chunk, device=enc.device)
     cfg = EvalConfig(encode=enc, search=search, image_data=image_data, text_data=text_data,
                      output_dir=output_dir, image_standard_path=image_standard_path,
-                     save_features=save_features)
+                     save_features=save_features, overwrite=overwrite)
     metrics = run_eval(cfg, _make_encoder())
     if metrics is not None:
         _echo_recalls(metrics)
@@ -349,6 +381,8 @@ def eval_command(image_data, text_data, image_standard_path, output_dir, save_fe
 @click.option("--report-to", type=click.Choice(["tensorboard", "none"]), default="tensorboard", show_default=True)
 @click.option("--logs", type=click.Path(path_type=Path), default=Path("logs"), show_default=True)
 @click.option("--name", default=None, help="Run folder name under --logs.")
+@click.option("--overwrite", is_flag=True,
+              help="Start a new run in an existing run folder, replacing what it holds (else resume it).")
 @click.option("--precision", type=click.Choice(["amp", "amp_bf16", "fp32", "bf16", "fp16"]), default="fp32",
               show_default=True)
 @click.option("--knowledge-precision", type=click.Choice(["fp32", "amp"]), default="fp32", show_default=True,
@@ -388,13 +422,16 @@ def train(dist_url, dataset_type, stop_after, **flags) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Encoding batch size.")
 @click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs.")
-def demo(out: Path, seed: int, device: str, batch_size: int, epochs: int) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Work in an --out that holds other files (the demo's own earlier runs need no flag).")
+def demo(out: Path, seed: int, device: str, batch_size: int, epochs: int, overwrite: bool) -> None:
     """Run the pipeline on the embedded demo data and print what it did and measured."""
     from export.pipeline import run_export
     from fklip.config import DemoConfig
     from fklip.demo import format_table, run_demo
 
-    cfg = DemoConfig(out=out, seed=seed, device=device, batch_size=batch_size, epochs=epochs)
+    cfg = DemoConfig(out=out, seed=seed, device=device, batch_size=batch_size, epochs=epochs,
+                     overwrite=overwrite)
     rows = run_demo(cfg, run_export, _make_encoder())
     click.echo(format_table(rows))
 

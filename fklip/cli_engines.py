@@ -37,9 +37,9 @@ import click
 @click.option("--truncation", type=click.Choice(["original", "openai"]), default=None,
               help="Override the checkpoint's tokenizer truncation (recorded in the manifest).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that hold Python objects beyond tensors.")
-@click.option("--force", is_flag=True, help="Replace an earlier export in --out.")
+@click.option("--overwrite", "--force", "overwrite", is_flag=True, help="Replace an earlier export in --out.")
 def export(checkpoint, out, onnx_, trt, precision, opt_batch, max_batch, int8, uint8_input, ids_dtype,
-           parity_images, parity_texts, parity_samples, model, truncation, trust_checkpoint, force) -> None:
+           parity_images, parity_texts, parity_samples, model, truncation, trust_checkpoint, overwrite) -> None:
     """Export a checkpoint's towers to ONNX (and TensorRT), each checked against PyTorch.
 
     A failed check leaves nothing behind; manifest.json records files, hashes, IO, the tolerances
@@ -52,7 +52,7 @@ def export(checkpoint, out, onnx_, trt, precision, opt_batch, max_batch, int8, u
                        trust_checkpoint=trust_checkpoint, trt=trt, precision=precision, opt_batch=opt_batch,
                        max_batch=max_batch, int8=int8, uint8_input=uint8_input, ids_dtype=ids_dtype,
                        parity_images=parity_images, parity_texts=parity_texts,
-                       parity_samples=parity_samples, force=force)
+                       parity_samples=parity_samples, overwrite=overwrite)
     manifest = run_export(cfg)
     sections = [("onnx", manifest["towers"])] + [(k, manifest[k]) for k in ("int8", "trt") if manifest[k]]
     for kind, entries in sections:
@@ -110,8 +110,9 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="--engine torch: CUDA graphs [on for CUDA].")
 @click.option("--compile", "compile_", is_flag=True, help="--engine torch: torch.compile the towers.")
 @click.option("--json-out", type=click.Path(path_type=Path), help="Also write the JSON line to this file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json-out file.")
 def bench(device, model, checkpoint, trust_checkpoint, engines, precisions, batch, images, texts, repeats,
-          threads, topk_queries, topk_gallery, k, seed, fused, cuda_graphs, compile_, json_out) -> None:
+          threads, topk_queries, topk_gallery, k, seed, fused, cuda_graphs, compile_, json_out, overwrite) -> None:
     """Images/s, texts/s and top-k queries/s of fklip's engines against plain open_clip/PyTorch,
     measured in the same run. Prints a table, then one JSON line."""
     import json
@@ -129,12 +130,13 @@ def bench(device, model, checkpoint, trust_checkpoint, engines, precisions, batc
 
         raise ConfigError(f"--checkpoint {checkpoint}: no such file")
     from engines.bench import format_table, run_bench
-    from fklip.io import atomic_output
+    from fklip.io import OutputSet, check_outputs
 
-    result = run_bench(cfg, command=_command_line(click.get_current_context()))
-    line = json.dumps(result)
-    click.echo(format_table(result))
-    click.echo(line)
-    if json_out is not None:
-        with atomic_output(json_out) as tmp:
-            tmp.write_text(line + "\n", encoding="utf-8")
+    check_outputs({"--json-out": json_out}, {"--checkpoint": checkpoint}, overwrite=overwrite)
+    with OutputSet([json_out] if json_out is not None else []) as outputs:  # claimed for the run
+        result = run_bench(cfg, command=_command_line(click.get_current_context()))
+        line = json.dumps(result)
+        click.echo(format_table(result))
+        click.echo(line)
+        if json_out is not None:
+            outputs.path(json_out).write_text(line + "\n", encoding="utf-8")

@@ -48,6 +48,7 @@ class DemoConfig:
     device: str = "cpu"
     batch_size: int = 128
     epochs: int = 8
+    overwrite: bool = False  # work in an --out that is neither empty nor an earlier demo's
 
     def __post_init__(self) -> None:
         check_positive(self.epochs, "--epochs")
@@ -134,6 +135,7 @@ class ExtractConfig:
     text_output: Path | None = None
     fmt: str = "jsonl"
     dtype: str = "float32"
+    overwrite: bool = False  # replace output files that exist
 
     def __post_init__(self) -> None:
         if self.image_data is None and self.text_data is None:
@@ -178,6 +180,7 @@ class PredictConfig:
     image_standard_path: Path | None = None
     text_out_path: Path | None = None
     image_out_path: Path | None = None
+    overwrite: bool = False  # replace output files that exist
 
     def __post_init__(self) -> None:
         if self.output_texts is None and self.output_images is None:
@@ -207,6 +210,7 @@ class EvalConfig:
     output_dir: Path
     image_standard_path: Path | None = None
     save_features: str = "none"
+    overwrite: bool = False  # replace the outputs of an earlier evaluation in output_dir
 
     def __post_init__(self) -> None:
         if self.save_features not in ("none", "jsonl", "npy"):
@@ -256,6 +260,7 @@ class TrainConfig:
     report_to: str = "tensorboard"
     logs: Path = Path("logs")
     name: str | None = None
+    overwrite: bool = False  # a new run in an existing run folder replaces what it holds
 
     def __post_init__(self) -> None:
         check_positive(self.batch_size, "--batch-size")
@@ -333,7 +338,7 @@ class ExportConfig:
     parity_images: Path | None = None
     parity_texts: Path | None = None
     parity_samples: int = 64
-    force: bool = False
+    overwrite: bool = False  # replace an earlier export in --out
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):

@@ -9,7 +9,6 @@ until its command lands; the demo grows with it.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +29,38 @@ class Row:
     seconds: float | None = None
 
 
+# What the demo writes under --out; an --out holding anything else needs --overwrite (which
+# still replaces only these).
+OWN_ENTRIES = ("data", "checkpoints", "eval-before", "logs", "eval", "export", "eval-onnx")
+
+
+def check_demo_folder(cfg: DemoConfig) -> None:
+    """--out is new, empty, or holds only what an earlier demo wrote; else --overwrite is needed."""
+    from fklip.errors import ConfigError
+
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; expected the demo's working folder")
+    others = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES
+                    and not p.name.startswith(".")) if out.is_dir() else []
+    if others and not cfg.overwrite:
+        raise ConfigError(f"--out {out} holds files the demo did not write ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); pass --overwrite to work there anyway (the demo "
+                          f"replaces only its own {', '.join(OWN_ENTRIES)}), or choose another folder")
+
+
 def _data_step(cfg: DemoConfig):
     from fklip.data.demo import (
         DemoDataConfig,
+        check_demo_out,
         demo_paths,
         generate_demo,
         load_demo_manifest,
     )
 
     data_cfg = DemoDataConfig(out=cfg.data_dir, seed=cfg.seed)
-    wanted = {k: v for k, v in vars(data_cfg).items() if k != "out"}
-    manifest = load_demo_manifest(cfg.data_dir)
-    if manifest is not None and manifest.get("config") == wanted:
-        return demo_paths(cfg.data_dir, data_cfg.size), manifest, "reused"
+    if check_demo_out(data_cfg, overwrite=True):  # the demo's own data: regenerated when the settings differ
+        return demo_paths(cfg.data_dir, data_cfg.size), load_demo_manifest(cfg.data_dir), "reused"
     paths = generate_demo(data_cfg, progress=True)
     return paths, load_demo_manifest(cfg.data_dir), "generated"
 
@@ -61,6 +79,7 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
     from fklip.train import run_train
 
     device = check_device(cfg.device)
+    check_demo_folder(cfg)
     rows: list[Row] = []
 
     t = time.perf_counter()
@@ -86,7 +105,7 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
                               text_batch_size=cfg.batch_size)
         return run_eval(EvalConfig(encode=encode, search=SearchConfig(device=device),
                                    image_data=paths.val_images, text_data=paths.val_queries,
-                                   image_standard_path=paths.val_gold, output_dir=folder))
+                                   image_standard_path=paths.val_gold, output_dir=folder, overwrite=True))
 
     t = time.perf_counter()
     before = evaluate(ckpt_path, cfg.out / "eval-before")
@@ -94,9 +113,7 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
                     time.perf_counter() - t))
 
     t = time.perf_counter()
-    run_dir = cfg.out / "logs" / "demo"
-    if run_dir.exists():  # the demo's own previous run: `fklip train` never overwrites a run folder
-        shutil.rmtree(run_dir)
+    run_dir = cfg.out / "logs" / "demo"  # the demo's own earlier run is replaced (overwrite)
     train_cfg = TrainConfig(
         train_data=paths.train_queries, train_img=paths.train_images, model=DEMO_MODEL,
         val_data=paths.val_queries, val_img=paths.val_images,
@@ -105,7 +122,7 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
         img_data_sets=(paths.kb_images,), resume=ckpt_path, is_concept=True, is_data_concept=True,
         is_update=True, warmup=20, batch_size=32, eval_batch_size=cfg.batch_size, lr=1e-3, wd=0.001,
         epochs=cfg.epochs, precision="fp32", device=device, seed=cfg.seed, save_most_recent=True,
-        logs=cfg.out / "logs", name="demo")
+        logs=cfg.out / "logs", name="demo", overwrite=True)
     summary = run_train(train_cfg)
     last = summary["epochs"][-1]
     rows.append(Row("train", f"`fklip train` with --is-concept --is-data-concept --is-update, {cfg.epochs} "
@@ -127,7 +144,7 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
     t = time.perf_counter()
     export_dir = cfg.out / "export"
     manifest = export_fn(ExportConfig(checkpoint=trained, out=export_dir, parity_images=paths.val_images,
-                                      parity_texts=paths.val_queries, force=True))
+                                      parity_texts=paths.val_queries, overwrite=True))
     cosines = min(manifest["towers"][k]["parity"]["real"]["min_cosine"] for k in ("image", "text"))
     rows.append(Row("export", f"`fklip export` to ONNX: image.onnx, text.onnx, manifest.json; min cosine "
                     f"to PyTorch on val data {cosines:.6f}; {export_dir}", time.perf_counter() - t))
@@ -137,7 +154,8 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
                           image_batch_size=cfg.batch_size, text_batch_size=cfg.batch_size)
     onnx_metrics = run_eval(EvalConfig(encode=encode, search=SearchConfig(device="cpu"),
                                        image_data=paths.val_images, text_data=paths.val_queries,
-                                       image_standard_path=paths.val_gold, output_dir=cfg.out / "eval-onnx"),
+                                       image_standard_path=paths.val_gold, output_dir=cfg.out / "eval-onnx",
+                                       overwrite=True),
                             make_encoder)
     same = _same_predictions(cfg.out / "eval", cfg.out / "eval-onnx")
     rows.append(Row("eval onnx", f"`fklip eval --engine onnx`: {_recalls(onnx_metrics)}; mean recall "

@@ -23,6 +23,15 @@ class ConfigError(FklipError):
     """A flag or combination of flags is invalid."""
 
 
+class OutputError(FklipError):
+    """An output cannot be written (a full or read-only disk, a parent that is a file); nothing of
+    the command's outputs was left behind."""
+
+
+class InUseError(FklipError):
+    """Another fklip process is writing the same output or run folder."""
+
+
 class MissingDependencyError(FklipError):
     """An optional dependency is not installed; the message names the extra to install."""
 

@@ -76,15 +76,68 @@ def _feature_buffer(n: int, dim: int, on_disk: bool, folder: Path, name: str) ->
     return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, dim))
 
 
+@contextlib.contextmanager
+def _scratch(output_dir: Path):
+    """A hidden folder in --output-dir for memory-mapped features, removed on any exit (and, after
+    a kill, by the next evaluation there)."""
+    import shutil
+
+    from fklip.io import owned_name, remove_leftovers
+
+    remove_leftovers(output_dir / "features")
+    folder = owned_name(output_dir / "features", "partial")
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def eval_outputs(cfg: EvalConfig) -> dict[str, Path]:
+    """Every file `fklip eval` writes into --output-dir (a name for messages -> path)."""
+    out = cfg.output_dir
+    names = list(OUTPUT_NAMES.values())
+    if cfg.save_features != "none":
+        ext = "jsonl" if cfg.save_features == "jsonl" else "npy"
+        names += [f"image_features.{ext}", f"text_features.{ext}"]
+        if ext == "npy":
+            names += ["image_features.ids.jsonl", "text_features.ids.jsonl"]
+    return {f"--output-dir ({name})": out / name for name in names}
+
+
+def check_eval_outputs(cfg: EvalConfig) -> dict[str, Path]:
+    """Before any work: --output-dir is a folder (or absent) without an earlier evaluation's files
+    unless --overwrite, and none of its files is an input."""
+    from fklip.errors import ConfigError
+    from fklip.io import check_outputs
+
+    out, outputs = cfg.output_dir, eval_outputs(cfg)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out} is a file; expected a folder")
+    there = [p.name for p in outputs.values() if os.path.lexists(p)]
+    if there and not cfg.overwrite:
+        raise ConfigError(f"--output-dir {out} already holds {', '.join(there[:3])}"
+                          f"{', ...' if len(there) > 3 else ''} of an earlier evaluation; pass --overwrite "
+                          "to replace them, or choose another folder")
+    inputs = {"--image-data": cfg.image_data, "--text-data": cfg.text_data,
+              "--image-standard-path": cfg.image_standard_path, "--resume": cfg.encode.checkpoint}
+    check_outputs(outputs, inputs, overwrite=True)
+    return outputs
+
+
 def run_eval(cfg: EvalConfig, make_encoder=None) -> dict | None:
     """Run the evaluation; rank 0 returns the metrics dict (other ranks return None).
 
     `make_encoder(encode_config, device)` gives what runs the model (the interface of
     fklip.encode.TorchEncoder, the default: the checkpoint with plain PyTorch); the CLI passes
     the engines' for --engine. `device` is this process's (cuda:LOCAL_RANK under torchrun).
+    The outputs are checked before any work, claimed by rank 0 for the run (a second evaluation
+    into the same files stops at once), and appear together at the end, or not at all.
     """
-    with process_group(cfg.encode.device) as ctx:
-        return _run(cfg, ctx, make_encoder)
+    from fklip.io import OutputSet
+
+    outputs = check_eval_outputs(cfg)
+    with process_group(cfg.encode.device) as ctx, OutputSet(outputs.values() if ctx.is_main else []) as staged:
+        return _run(cfg, ctx, make_encoder, staged)
 
 
 def rank_search_config(search: SearchConfig, ctx: DistContext) -> SearchConfig:
@@ -96,7 +149,7 @@ def rank_search_config(search: SearchConfig, ctx: DistContext) -> SearchConfig:
     return search
 
 
-def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:
+def _run(cfg: EvalConfig, ctx: DistContext, make_encoder, staged) -> dict | None:
     from fklip.data.archive import ImageArchive
     from fklip.data.jsonl import check_unique_ids, id_key, read_val_queries
     from fklip.encode import TorchEncoder
@@ -108,7 +161,7 @@ def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:
     # ---- load and check everything before the slow work
     queries = read_val_queries(cfg.text_data)
     check_unique_ids([q.query_id for q in queries], cfg.text_data, "query_id")
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as scratch_stack, contextlib.ExitStack() as stack:
         archive = stack.enter_context(ImageArchive(cfg.image_data))
         encoder = stack.enter_context((make_encoder or TorchEncoder)(enc, device))
         archive.check_image_size(encoder.image_size, encoder.model_name)
@@ -126,54 +179,58 @@ def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:
         t0 = time.perf_counter()
         n_img, n_txt = len(image_ids), len(text_ids)
         on_disk = not ctx.distributed and (n_img + n_txt) * dim * 4 > MEMMAP_SHARE * available_memory()
-        scratch = cfg.output_dir / f".features-{os.getpid()}"
+        scratch = scratch_stack.enter_context(_scratch(cfg.output_dir)) if on_disk else None
         i0, i1 = shard_range(n_img, ctx.rank, ctx.world_size)
         t_0, t_1 = shard_range(n_txt, ctx.rank, ctx.world_size)
         image_emb = encoder.encode_images(archive, image_ids[i0:i1], progress=ctx.is_main,
                                           out=_feature_buffer(i1 - i0, dim, on_disk, scratch, "images"))
         text_emb = encoder.encode_texts([q.query_text for q in queries[t_0:t_1]], progress=ctx.is_main,
                                         out=_feature_buffer(t_1 - t_0, dim, on_disk, scratch, "texts"))
-    if ctx.distributed:
-        image_emb = gather_rows(torch.from_numpy(image_emb), n_img, ctx).numpy()
-        text_emb = gather_rows(torch.from_numpy(text_emb), n_txt, ctx).numpy()
-    t_encode = time.perf_counter() - t0
+        encoder_description = encoder.describe()
+        stack.close()  # the model and the archive go before the search (GPU memory)
+        if ctx.distributed:
+            image_emb = gather_rows(torch.from_numpy(image_emb), n_img, ctx).numpy()
+            text_emb = gather_rows(torch.from_numpy(text_emb), n_txt, ctx).numpy()
+        t_encode = time.perf_counter() - t0
 
-    # ---- exact top-k both ways, this rank's share of the queries, gathered in rank order
-    t0 = time.perf_counter()
-    image_in = image_emb if on_disk else torch.from_numpy(image_emb)
-    text_in = text_emb if on_disk else torch.from_numpy(text_emb)
-    if ctx.distributed or on_disk:  # each rank its share of the queries; or memory-mapped features
-        t2i = search(text_in[t_0:t_1], image_in, search_cfg, "text->image")
-        i2t = search(image_in[i0:i1], text_in, search_cfg, "image->text")
-    else:
-        t2i, i2t = search_both_ways(text_in, image_in, search_cfg)
-    if ctx.distributed:
-        t2i = gather_rows(torch.from_numpy(t2i), n_txt, ctx).numpy()
-        i2t = gather_rows(torch.from_numpy(i2t), n_img, ctx).numpy()
-    t_search = time.perf_counter() - t0
-    if not ctx.is_main:
-        return None
+        # ---- exact top-k both ways, this rank's share of the queries, gathered in rank order
+        t0 = time.perf_counter()
+        image_in = image_emb if on_disk else torch.from_numpy(image_emb)
+        text_in = text_emb if on_disk else torch.from_numpy(text_emb)
+        if ctx.distributed or on_disk:  # each rank its share of the queries; or memory-mapped features
+            t2i = search(text_in[t_0:t_1], image_in, search_cfg, "text->image")
+            i2t = search(image_in[i0:i1], text_in, search_cfg, "image->text")
+        else:
+            t2i, i2t = search_both_ways(text_in, image_in, search_cfg)
+        if ctx.distributed:
+            t2i = gather_rows(torch.from_numpy(t2i), n_txt, ctx).numpy()
+            i2t = gather_rows(torch.from_numpy(i2t), n_img, ctx).numpy()
+        t_search = time.perf_counter() - t0
+        if not ctx.is_main:
+            return None
 
-    # ---- rank 0 writes
-    t0 = time.perf_counter()
-    out = cfg.output_dir
-    write_predictions(out / OUTPUT_NAMES["text_predictions"], "query_id", text_ids, image_ids, t2i)
-    write_predictions(out / OUTPUT_NAMES["image_predictions"], "image_id", image_ids, text_ids, i2t)
-    t2i_result = write_score(out / OUTPUT_NAMES["text_score"], text_gold, text_keys, image_keys, t2i)
-    i2t_result = write_score(out / OUTPUT_NAMES["image_score"], image_gold, image_keys, text_keys, i2t)
-    if cfg.save_features != "none":
-        from fklip.features import write_features
+        # ---- rank 0 writes, into the staging files of the output set (renamed into place together)
+        t0 = time.perf_counter()
+        out = cfg.output_dir
 
-        ext = "jsonl" if cfg.save_features == "jsonl" else "npy"
-        write_features(out / f"image_features.{ext}", image_ids, image_emb, id_field="image_id",
-                       fmt=cfg.save_features)
-        write_features(out / f"text_features.{ext}", text_ids, text_emb, id_field="query_id",
-                       fmt=cfg.save_features)
-    if on_disk:
-        del image_emb, text_emb, image_in, text_in
-        for f in scratch.glob("*.npy"):
-            f.unlink()
-        scratch.rmdir()
+        def target(name: str) -> Path:
+            return staged.path(out / name)
+
+        write_predictions(target(OUTPUT_NAMES["text_predictions"]), "query_id", text_ids, image_ids, t2i)
+        write_predictions(target(OUTPUT_NAMES["image_predictions"]), "image_id", image_ids, text_ids, i2t)
+        t2i_result = write_score(target(OUTPUT_NAMES["text_score"]), text_gold, text_keys, image_keys, t2i,
+                                 shown=out / OUTPUT_NAMES["text_score"])
+        i2t_result = write_score(target(OUTPUT_NAMES["image_score"]), image_gold, image_keys, text_keys, i2t,
+                                 shown=out / OUTPUT_NAMES["image_score"])
+        if cfg.save_features != "none":
+            from fklip.features import write_features
+
+            ext = "jsonl" if cfg.save_features == "jsonl" else "npy"
+            write_features(out / f"image_features.{ext}", image_ids, image_emb, id_field="image_id",
+                           fmt=cfg.save_features, staged=staged)
+            write_features(out / f"text_features.{ext}", text_ids, text_emb, id_field="query_id",
+                           fmt=cfg.save_features, staged=staged)
+        del image_emb, text_emb, image_in, text_in  # memory-mapped ones: closed before their folder goes
     t_write = time.perf_counter() - t0
 
     t2i_summary, i2t_summary = recall_summary(t2i_result), recall_summary(i2t_result)
@@ -188,12 +245,12 @@ def _run(cfg: EvalConfig, ctx: DistContext, make_encoder) -> dict | None:
         "throughput": {"images_per_s": n_img / t_encode if t_encode else None,
                        "texts_per_s": n_txt / t_encode if t_encode else None},
         "features": "memory-mapped" if on_disk else "in memory",
-        "checkpoint": encoder.describe(),
+        "checkpoint": encoder_description,
         "inputs": {"image_data": str(cfg.image_data), "text_data": str(cfg.text_data),
                    "image_standard_path": str(cfg.image_standard_path) if cfg.image_standard_path else None},
         "environment": environment(ctx),
     }
     from fklip.io import write_json
 
-    write_json(out / OUTPUT_NAMES["metrics"], metrics)
+    write_json(staged.path(out / OUTPUT_NAMES["metrics"]), metrics)
     return metrics

@@ -19,8 +19,15 @@ import torch
 from fklip.config import PredictConfig, SearchConfig
 from fklip.data.jsonl import Id, ValQuery, id_key, read_image_gold, read_val_queries
 from fklip.errors import DataError, preview
-from fklip.io import atomic_output, write_json
-from fklip.retrieval import MissingPredictionError, failure_json, recall_at_ks, score_json, topk_chunked
+from fklip.features import check_same_dim, npy_ids_path, read_features
+from fklip.io import OutputSet, atomic_output, check_outputs, write_json
+from fklip.retrieval import (
+    MissingPredictionError,
+    failure_json,
+    recall_at_ks,
+    score_json,
+    topk_chunked,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,15 +145,16 @@ def score(gold: Gold, query_keys: Sequence[str], gallery_keys: Sequence[str],
 
 
 def write_score(path: Path, gold: Gold, query_keys: Sequence[str], gallery_keys: Sequence[str],
-                indices: np.ndarray) -> dict:
-    """Write the original's score JSON (or, for a gold key without prediction, its failure JSON)."""
+                indices: np.ndarray, shown: Path | None = None) -> dict:
+    """Write the original's score JSON (or, for a gold key without prediction, its failure JSON).
+    `shown` is the path messages name (the target, when `path` is its staging file)."""
     try:
         result = score(gold, query_keys, gallery_keys, indices)
     except MissingPredictionError as e:
         write_json(path, failure_json(gold.originals.get(e.key, e.key)), indent=None)
         raise DataError(f"{gold.path}: gold key {gold.originals.get(e.key, e.key)!r} has no "
                         f"prediction (it is not in the features); wrote the original's failure "
-                        f"JSON to {path}") from None
+                        f"JSON to {shown or path}") from None
     write_json(path, score_json(result["hits"], result["total"]), indent=None)
     return result
 
@@ -159,10 +167,39 @@ def recall_summary(result: dict) -> dict:
             "hits": {str(k): v for k, v in result["hits"].items()}}
 
 
-def run_predict(cfg: PredictConfig) -> dict:
-    """`fklip predict`: feature files -> prediction files and score files. Returns the recalls."""
-    from fklip.features import check_same_dim, read_features
+def predict_outputs(cfg: PredictConfig) -> dict[str, Path | None]:
+    return {"--output-texts": cfg.output_texts, "--output-images": cfg.output_images,
+            "--text-out-path": cfg.text_out_path, "--image-out-path": cfg.image_out_path}
 
+
+def predict_inputs(cfg: PredictConfig) -> dict[str, list[Path]]:
+    """Every file predict reads (flag -> paths): a `.npy` feature file brings its ids file."""
+    inputs = {}
+    for flag, path in (("--image-feats", cfg.image_feats), ("--text-feats", cfg.text_feats)):
+        inputs[flag] = [path] + ([npy_ids_path(path)] if path.suffix == ".npy" else [])
+    for flag, path in (("--text-standard-path", cfg.text_standard_path),
+                       ("--image-standard-path", cfg.image_standard_path)):
+        if path is not None:
+            inputs[flag] = [path]
+    return inputs
+
+
+def run_predict(cfg: PredictConfig) -> dict:
+    """`fklip predict`: feature files -> prediction files and score files. Returns the recalls.
+
+    The outputs are checked against the inputs before anything is read, and appear together at
+    the end or not at all (a gold key without a prediction still writes the original's failure
+    JSON with the other outputs, then raises)."""
+    outputs = predict_outputs(cfg)
+    check_outputs(outputs, predict_inputs(cfg), overwrite=cfg.overwrite)
+    with OutputSet(p for p in outputs.values() if p is not None) as staged:
+        summary, failures = _predict(cfg, staged)
+    if failures:
+        raise DataError("; ".join(failures))
+    return summary
+
+
+def _predict(cfg: PredictConfig, staged: OutputSet) -> tuple[dict, list[str]]:
     t0 = time.perf_counter()
     images = read_features(cfg.image_feats, expect="image", progress=True)
     texts = read_features(cfg.text_feats, expect="text", progress=True)
@@ -188,9 +225,9 @@ def run_predict(cfg: PredictConfig) -> dict:
     t_search = time.perf_counter() - t0
 
     if t2i is not None:
-        write_predictions(cfg.output_texts, texts.id_field, texts.ids, images.ids, t2i)
+        write_predictions(staged.path(cfg.output_texts), texts.id_field, texts.ids, images.ids, t2i)
     if i2t is not None:
-        write_predictions(cfg.output_images, images.id_field, images.ids, texts.ids, i2t)
+        write_predictions(staged.path(cfg.output_images), images.id_field, images.ids, texts.ids, i2t)
     summary: dict = {"timings_s": {"load": t_load, "search": t_search}}
     failures = []
     for name, gold, out, query_keys, gallery_keys, indices in (
@@ -199,12 +236,11 @@ def run_predict(cfg: PredictConfig) -> dict:
         if gold is None:
             continue
         try:
-            summary[name] = recall_summary(write_score(out, gold, query_keys, gallery_keys, indices))
+            summary[name] = recall_summary(write_score(staged.path(out), gold, query_keys, gallery_keys,
+                                                       indices, shown=out))
         except DataError as e:
             failures.append(str(e))
-    if failures:
-        raise DataError("; ".join(failures))
-    return summary
+    return summary, failures
 
 
 def _as_search_input(matrix: np.ndarray) -> np.ndarray | torch.Tensor:

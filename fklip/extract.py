@@ -19,36 +19,67 @@ def default_output(data_path: Path, kind: str, fmt: str) -> Path:
     return Path(str(data_path)[:-6] + f".txt_feat.{ext}")
 
 
+def output_paths(cfg: ExtractConfig) -> dict[str, Path]:
+    """Every file extract writes (flag -> path): the feature files, and the ids files of `.npy`."""
+    from fklip.features import npy_ids_path
+
+    outputs = {}
+    for kind, data, given, flag in (("image", cfg.image_data, cfg.image_output, "--image-feat-output-path"),
+                                    ("text", cfg.text_data, cfg.text_output, "--text-feat-output-path")):
+        if data is None:
+            continue
+        out = given or default_output(data, kind, cfg.fmt)
+        outputs[flag] = out
+        if cfg.fmt == "npy":
+            outputs[f"{flag} (its ids file)"] = npy_ids_path(out)
+    return outputs
+
+
 def run_extract(cfg: ExtractConfig, make_encoder=None) -> list[dict]:
     """Encode what the config asks for and write it; returns one summary dict per output.
 
     `make_encoder(encode_config, device)` gives what runs the model (fklip.encode.TorchEncoder's
-    interface, the default); the CLI passes the engines' for `--engine`."""
+    interface, the default); the CLI passes the engines' for `--engine`. The outputs are checked
+    against the inputs before any work and appear together at the end, or not at all."""
     from fklip.data.archive import ImageArchive
     from fklip.data.jsonl import check_unique_ids, read_text_queries
     from fklip.encode import TorchEncoder
-    from fklip.features import write_features
+    from fklip.io import OutputSet, check_outputs
 
     device = check_device(cfg.encode.device)
+    outputs = output_paths(cfg)
+    check_outputs(outputs, {"--image-data": cfg.image_data, "--text-data": cfg.text_data,
+                            "--resume": cfg.encode.checkpoint}, overwrite=cfg.overwrite)
     # read and check every input before the slow work, so a bad file fails at once
     queries = None
     if cfg.text_data is not None:
         queries = read_text_queries(cfg.text_data)
         check_unique_ids([q.query_id for q in queries], cfg.text_data, "query_id")
     written = []
-    with (make_encoder or TorchEncoder)(cfg.encode, device) as enc:
+    with OutputSet(outputs.values()) as staged, (make_encoder or TorchEncoder)(cfg.encode, device) as enc:
         if cfg.image_data is not None:
-            out = cfg.image_output or default_output(cfg.image_data, "image", cfg.fmt)
+            out = outputs["--image-feat-output-path"]
             with ImageArchive(cfg.image_data) as archive:
                 archive.check_image_size(enc.image_size, enc.model_name)
                 feats = enc.encode_images(archive, progress=True)
-                files = write_features(out, list(archive.ids), feats, id_field="image_id", fmt=cfg.fmt,
-                                       dtype=cfg.dtype)
-            written.append({"kind": "image", "count": len(feats), "files": [str(f) for f in files]})
+                ids = list(archive.ids)
+            _write(staged, out, ids, feats, "image_id", cfg)
+            written.append({"kind": "image", "count": len(feats), "files": _shown(out, cfg.fmt)})
         if queries is not None:
-            out = cfg.text_output or default_output(cfg.text_data, "text", cfg.fmt)
+            out = outputs["--text-feat-output-path"]
             feats = enc.encode_texts([q.query_text for q in queries], progress=True)
-            files = write_features(out, [q.query_id for q in queries], feats, id_field="query_id",
-                                   fmt=cfg.fmt, dtype=cfg.dtype)
-            written.append({"kind": "text", "count": len(feats), "files": [str(f) for f in files]})
+            _write(staged, out, [q.query_id for q in queries], feats, "query_id", cfg)
+            written.append({"kind": "text", "count": len(feats), "files": _shown(out, cfg.fmt)})
     return written
+
+
+def _write(staged, out: Path, ids, feats, id_field: str, cfg: ExtractConfig) -> None:
+    from fklip.features import write_features
+
+    write_features(out, ids, feats, id_field=id_field, fmt=cfg.fmt, dtype=cfg.dtype, staged=staged)
+
+
+def _shown(out: Path, fmt: str) -> list[str]:
+    from fklip.features import npy_ids_path
+
+    return [str(out)] + ([str(npy_ids_path(out))] if fmt == "npy" else [])

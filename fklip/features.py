@@ -18,6 +18,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from fklip.data.jsonl import Id, id_key
 from fklip.errors import ConfigError, DataError, preview, raise_collected
-from fklip.io import atomic_output
+from fklip.io import OutputSet, atomic_output
 
 ID_FIELDS = ("image_id", "query_id")
 FORMATS = ("jsonl", "npy")
@@ -320,11 +321,13 @@ def _parse_numbers(texts: list[bytes]) -> tuple[np.ndarray, list[int]] | None:
 # ---- writing ----
 
 def write_features(path: str | os.PathLike, ids: Sequence[Id], matrix: np.ndarray, *, id_field: str,
-                   fmt: str = "jsonl", dtype: str = "float32") -> list[Path]:
+                   fmt: str = "jsonl", dtype: str = "float32", staged: OutputSet | None = None) -> list[Path]:
     """Write features atomically; returns the files written.
 
     fmt="jsonl": the original's lines, byte for byte, with float32 values whatever `dtype` says.
     fmt="npy": a `dtype` matrix, then its ids file; on any error neither is left.
+    With `staged`, the files go to the output set's staging paths for `path` (and its ids file),
+    to appear with the set's other outputs.
     """
     path = Path(path)
     if id_field not in ID_FIELDS or fmt not in FORMATS or dtype not in NPY_DTYPES:
@@ -346,15 +349,19 @@ def write_features(path: str | os.PathLike, ids: Sequence[Id], matrix: np.ndarra
     problems += [f"ids must be ints or non-empty strings: {preview(bad_ids)}"] if bad_ids else \
         _check_rows(values, ids, range(len(values)), "0-based row")
     raise_collected(problems, f"{path}: cannot write {values.dtype} features")
+    ids_path = npy_ids_path(path)
+    if staged is not None:
+        out, out_ids = nullcontext(staged.path(path)), nullcontext(staged.path(ids_path) if fmt == "npy" else None)
+    else:
+        out, out_ids = atomic_output(path), (atomic_output(ids_path) if fmt == "npy" else nullcontext())
     if fmt == "jsonl":
         step = max(1, _CHUNK_VALUES // values.shape[1])
-        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        with out as tmp, open(tmp, "wb") as f:
             f.writelines(_jsonl_lines(ids[s:s + step], values[s:s + step], id_field) for s in range(0, len(ids), step))
         return [path]
-    ids_path = npy_ids_path(path)
     header = {"id_field": id_field, "count": len(ids), "dim": values.shape[1], "dtype": dtype}
     # both temporaries are complete before either rename: the matrix first, then its ids
-    with atomic_output(ids_path) as tmp_ids, atomic_output(path) as tmp_npy:
+    with out_ids as tmp_ids, out as tmp_npy:
         with open(tmp_npy, "wb") as f:
             np.save(f, np.ascontiguousarray(values))
         with open(tmp_ids, "w", encoding="utf-8") as f:

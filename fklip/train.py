@@ -26,6 +26,7 @@ from fklip.background import in_background
 from fklip.config import TrainConfig, check_device
 from fklip.distributed import DistContext, gather_rows, process_group, shard_range
 from fklip.errors import ConfigError, FklipError
+from fklip.run_log import RunLog
 
 if TYPE_CHECKING:
     from fklip.train_data import Batch, TrainSet
@@ -62,18 +63,9 @@ def run_name(cfg: TrainConfig) -> str:
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict | None:
-    from tqdm import tqdm
+    from fklip.model import ModelSpec, build_model, load_checkpoint
 
-    from fklip.data.archive import ImageArchive, model_input_from_batch
-    from fklip.data.jsonl import read_train_queries
-    from fklip.encode import prepare_model
-    from fklip.losses import ConceptLoss, ContrastiveLoss, combine, gather_with_grad
-    from fklip.model import ModelSpec, build_model, build_tokenizer, encode_text_trimmed, load_checkpoint
-    from fklip.schedule import build_optimizer, clamp_logit_scale, cosine_lr, set_lr
-    from fklip.train_data import TrainSet
-    from fklip.train_eval import evaluate_val, load_val
-
-    device = check_device(ctx.device)
+    check_device(ctx.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
     # ---- starting weights: a training checkpoint to resume, pretrained weights, or random
@@ -90,13 +82,39 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
         model = build_model(spec)
     name = resume_state["name"] if resume_state else run_name(cfg)
     run_dir = cfg.logs / name
-    if resume_state is None and ctx.is_main and (run_dir / "params.json").exists():
-        raise ConfigError(f"--name: the run folder {run_dir} already exists; pick another --name, or "
-                          f"resume it with --resume {run_dir / 'checkpoints' / 'epoch_latest.pt'}")
+    inputs = [(flag, p) for flag, value in (
+        ("--train-data", cfg.train_data), ("--train-img", cfg.train_img), ("--val-data", cfg.val_data),
+        ("--val-img", cfg.val_img), ("--txt-id-filename", cfg.txt_id_filename),
+        ("--kb-txt-id-filename", cfg.kb_txt_id_filename), ("--concept-data", cfg.concept_data),
+        ("--kb-concept-data", cfg.kb_concept_data), ("--concept-fathers", cfg.concept_fathers),
+        ("--kb-concept-fathers", cfg.kb_concept_fathers), ("--img-data-sets", cfg.img_data_sets),
+        ("--resume", cfg.resume), ("--openai-pretrained", cfg.openai_pretrained))
+        for p in (value if isinstance(value, tuple) else (value,)) if p is not None]
+    # the run folder is claimed before the slow work (rank 0 writes it); every file it opens and
+    # every archive is closed on any exit
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(RunLog(run_dir if ctx.is_main else None, resuming=resume_state is not None,
+                                         overwrite=cfg.overwrite, report_to=cfg.report_to, inputs=inputs))
+        return _train_in(cfg, ctx, stop_after, stack, log, model, spec, resume_state, name, run_dir)
 
+
+def _train_in(cfg: TrainConfig, ctx: DistContext, stop_after: int | None, stack: contextlib.ExitStack,
+              log: RunLog, model, spec, resume_state: dict | None, name: str, run_dir: Path) -> dict | None:
+    from tqdm import tqdm
+
+    from fklip.data.archive import ImageArchive, model_input_from_batch
+    from fklip.data.jsonl import read_train_queries
+    from fklip.encode import prepare_model
+    from fklip.losses import ConceptLoss, ContrastiveLoss, combine, gather_with_grad
+    from fklip.model import build_tokenizer, encode_text_trimmed
+    from fklip.schedule import build_optimizer, clamp_logit_scale, cosine_lr, set_lr
+    from fklip.train_data import TrainSet
+    from fklip.train_eval import evaluate_val, load_val
+
+    device = ctx.device
     # ---- data, checked before any slow work
     queries = read_train_queries(cfg.train_data)
-    archive = ImageArchive(cfg.train_img)
+    archive = stack.enter_context(ImageArchive(cfg.train_img))
     archive.require([i for q in queries for i in q.item_ids], str(cfg.train_data))
     archive.check_image_size(spec.image_size, spec.name)
     tokenizer = build_tokenizer(spec)
@@ -104,7 +122,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
     if cfg.is_concept:
         from fklip.knowledge import RowLookup
 
-        vocabs, tables, kb_archives = _load_knowledge_inputs(cfg, queries, spec)
+        vocabs, tables, kb_archives = _load_knowledge_inputs(cfg, queries, spec, stack)
         lookups = {kind: RowLookup(vocab.rows, device) for kind, (vocab, _) in vocabs.items()}
     train_set = TrainSet(queries, archive, tokenizer, tables)
     batches = train_set.batches_per_epoch(cfg.batch_size, ctx.world_size)
@@ -129,20 +147,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
         if resume_state.get("knowledge") is not None:
             knowledge = Knowledge(**resume_state["knowledge"]).to(device)
 
-    writer = None
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         params = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, tuple) else v)
                   for k, v in dataclasses.asdict(cfg).items()}
         params.update(model_name=spec.name, truncation=spec.truncation, world_size=ctx.world_size,
                       samples=len(train_set), batches_per_epoch=batches)
-        from fklip.io import write_json
-
-        write_json(run_dir / "params.json", params)
-        if cfg.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(run_dir / "tensorboard"))
+        log.start(params)
         if cfg.is_concept:
             for kind, (vocab, _) in vocabs.items():  # reported once here, never per step
                 table = tables[kind]
@@ -152,13 +162,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
 
     history = []
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    if start_epoch >= cfg.epochs and ctx.is_main:
+        logger.warning("nothing to train: %s finished epoch %d of --epochs %d; pass a larger --epochs to train "
+                       "further (the learning-rate schedule then spans the new count)", cfg.resume, start_epoch,
+                       cfg.epochs)
     for epoch in range(start_epoch, last_epoch):
         # ---- knowledge: encode the KB and the concept prompts, retrieve 20, keep 10 by MMR
         if cfg.is_concept and (cfg.is_update or knowledge is None):
             t0 = time.perf_counter()
             knowledge = refresh_knowledge(model, kb_archives, vocabs, ctx, cfg.eval_batch_size, device,
                                           cfg.knowledge_precision)
-            _log(writer, {"knowledge/refresh_s": time.perf_counter() - t0}, epoch * batches)
+            log.log({"knowledge/refresh_s": time.perf_counter() - t0}, epoch * batches)
 
         model.train()
         bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not ctx.is_main)
@@ -206,12 +220,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
                 # before any checkpoint is written.
                 logged = dict(zip([*terms_now, "scale"], torch.stack([*terms_now.values(), scale.detach()]).tolist()))
                 if not math.isfinite(logged["loss"]):
-                    raise TrainingError(f"the loss is {logged['loss']} at epoch {epoch + 1}, step {i + 1}; "
-                                        "stopping. The last good checkpoint is left as it was; try a lower "
-                                        "--lr, --grad-clip, or fp32")
+                    raise TrainingError(_non_finite_message(logged["loss"], epoch, i, log.last_checkpoint(),
+                                                            run_dir))
                 samples_per_s = cfg.batch_size * ctx.world_size / (time.perf_counter() - t_step)
                 logged.update(lr=lr, samples_per_s=samples_per_s)
-                _log(writer, {f"train/{k}": v for k, v in logged.items()}, step)
+                log.log({f"train/{k}": v for k, v in logged.items()}, step)
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", samples_s=f"{samples_per_s:.0f}")
                 bar.update(1)
         bar.close()
@@ -220,8 +233,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
                   "step_s_median": _steady_step_s(step_starts, time.perf_counter())}
         if val is not None and ctx.is_main:
             record.update(evaluate_val(model, val, cfg.eval_batch_size, cfg.batch_size, device))
-            _log(writer, {f"val/{k.removeprefix('val_')}": v for k, v in record.items()
-                          if k == "val_loss" or k.startswith(("t2i_", "i2t_"))}, (epoch + 1) * batches)
+            log.log({f"val/{k.removeprefix('val_')}": v for k, v in record.items()
+                     if k == "val_loss" or k.startswith(("t2i_", "i2t_"))}, (epoch + 1) * batches)
         history.append(record)
         if ctx.is_main:
             logger.info("epoch %d: %s", epoch + 1, json.dumps(record))
@@ -230,15 +243,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop_after: int | None) -> dict |
                      "knowledge": (None if cfg.is_update or knowledge is None
                                    else dataclasses.asdict(knowledge.to("cpu")))}
             _save(run_dir, model, spec, state, epoch + 1, cfg)
-            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            log.epoch(record)
         if ctx.distributed:
             dist.barrier()
-    if writer is not None:
-        writer.close()
-    archive.close()
-    for kb_archive, _ in kb_archives:
-        kb_archive.close()
     return {"run_dir": str(run_dir), "epochs": history} if ctx.is_main else None
 
 
@@ -254,10 +261,14 @@ def _autocast(precision: str, device: str):
     return contextlib.nullcontext()
 
 
-def _log(writer, scalars: dict, step: int) -> None:
-    if writer is not None:
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, step)
+def _non_finite_message(loss: float, epoch: int, step: int, last: Path | None, run_dir: Path) -> str:
+    """What a non-finite loss means for the run folder, and what to do next."""
+    where = f"the loss is {loss} at epoch {epoch + 1}, step {step + 1}; stopping"
+    if last is not None:
+        return (f"{where}. The last good checkpoint {last} is left as it was: continue from it with --resume "
+                f"{last} and a lower --lr, --grad-clip, or --precision fp32")
+    return (f"{where}, before the first checkpoint; {run_dir} keeps the logs of this attempt. Start again "
+            "with --overwrite (or another --name) and a lower --lr, --grad-clip, or --precision fp32")
 
 
 def _sum_gradients(model: torch.nn.Module, ctx: DistContext) -> None:
@@ -356,7 +367,7 @@ def refresh_knowledge(model, kb_archives, vocabs: dict, ctx: DistContext, batch_
     return Knowledge(kb_emb, retrieved)
 
 
-def _load_knowledge_inputs(cfg: TrainConfig, queries, spec):
+def _load_knowledge_inputs(cfg: TrainConfig, queries, spec, stack: contextlib.ExitStack):
     """Vocabularies, per-query concept tables and KB archives (ids de-duplicated across files)."""
     from fklip.data.archive import ImageArchive
     from fklip.knowledge import build_concept_table, load_vocabulary
@@ -372,7 +383,7 @@ def _load_knowledge_inputs(cfg: TrainConfig, queries, spec):
         tables[kind] = build_concept_table(queries, vocab, kind=kind)
     kb_archives, seen = [], set()
     for path in cfg.img_data_sets:
-        archive = ImageArchive(path)
+        archive = stack.enter_context(ImageArchive(path))
         archive.check_image_size(spec.image_size, spec.name)
         ids = [i for i in archive.ids if i not in seen]
         seen.update(ids)

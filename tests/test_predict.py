@@ -40,7 +40,7 @@ def predict_args(tmp_path, img="img.jsonl", txt="txt.jsonl", chunk=32768, **extr
             "--text-out-path", str(tmp_path / "out" / "text_output.json"),
             "--image-out-path", str(tmp_path / "out" / "image_output.json")]
     for k, v in extra.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     return args
 
 
@@ -76,7 +76,7 @@ def test_results_do_not_depend_on_chunk_sizes(tmp_path):
     make_case(tmp_path, n_img=23, n_txt=17, seed=3)
     seen = []
     for chunk, qchunk in ((1, 1), (3, 5), (32768, 4096)):
-        assert run(predict_args(tmp_path, chunk=chunk, query_chunk=qchunk)).exit_code == 0
+        assert run(predict_args(tmp_path, chunk=chunk, query_chunk=qchunk, overwrite=True)).exit_code == 0
         seen.append(outputs(tmp_path))
     assert seen[0] == seen[1] == seen[2]
 
@@ -135,7 +135,7 @@ def test_npy_features_give_the_same_outputs(tmp_path):
     for name, field in (("img", "image_id"), ("txt", "query_id")):
         f = read_features(tmp_path / f"{name}.jsonl")
         write_features(tmp_path / f"{name}.npy", f.ids, f.matrix, id_field=field, fmt="npy")
-    assert run(predict_args(tmp_path, img="img.npy", txt="txt.npy")).exit_code == 0
+    assert run(predict_args(tmp_path, img="img.npy", txt="txt.npy", overwrite=True)).exit_code == 0
     assert outputs(tmp_path) == from_jsonl
 
 

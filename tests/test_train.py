@@ -81,7 +81,7 @@ def test_knowledge_training_logs_checkpoints_and_folder(tmp_path, demo):
     assert 0.0 <= float(raw["state_dict"]["module.logit_scale"]) <= 4.6052
     # an existing run folder is never overwritten
     again = invoke(train_args(demo, tmp_path, "run"))
-    assert again.exit_code == 2 and "already exists" in again.output
+    assert again.exit_code == 2 and "already holds a run" in again.output
 
 
 @pytest.mark.parametrize("flags", [
@@ -254,6 +254,5 @@ def test_batches_read_ahead_train_the_same(tmp_path, demo, monkeypatch):
 
     monkeypatch.setattr(fklip.train_data.TrainSet, "batch", failing)
     broken = invoke(train_args(demo, tmp_path, "broken", "--workers", 1))
-    assert broken.exit_code != 0 and isinstance(broken.exception, OSError)
-    assert "disk went away" in str(broken.exception)
+    assert broken.exit_code == 2 and "disk went away" in broken.output  # one line, no traceback
     assert calls == ["fklip-batches"] * 3  # read in the background thread

@@ -18,6 +18,7 @@ in both vocabularies, the colour and multi-attribute ones only in the data vocab
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, fields
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from fklip.data.archive import ENCODINGS, ArchiveWriter, normalized_from_pixels
 from fklip.data.garments import CATEGORIES, COLOURS, PATTERNS, SOLID_ONLY, Garment, draw_garment
 from fklip.errors import ConfigError, DataError, raise_collected
-from fklip.io import write_json, write_jsonl
+from fklip.io import staged_folder, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -281,11 +282,48 @@ def _attributes(kb_phrase: str) -> dict[str, str]:
     raise ValueError(f"not a KB concept: {kb_phrase!r}")
 
 
+def settings(cfg: DemoDataConfig) -> dict:
+    """What `demo.json` records of the config: everything but the folder."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "out"}
+
+
+def check_demo_out(cfg: DemoDataConfig, overwrite: bool = False) -> bool:
+    """Whether `cfg.out` already holds this very dataset (True: nothing to do). A folder that does
+    not exist or is empty is fine (False); a demo dataset of other settings is replaced only with
+    `overwrite`; anything else is refused, `overwrite` or not: fklip replaces only what it made."""
+    out = cfg.out
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; expected a folder for the demo dataset")
+    manifest = load_demo_manifest(out)
+    if manifest is not None:
+        if manifest.get("config") == settings(cfg):
+            return True
+        if overwrite:
+            return False
+        theirs = manifest.get("config") or {}
+        diff = ", ".join(f"{k} {theirs.get(k)!r} (asked {v!r})" for k, v in settings(cfg).items()
+                         if theirs.get(k) != v)
+        raise ConfigError(f"--out {out} holds a demo dataset made with other settings ({diff}); pass --overwrite "
+                          "to replace it, or choose another folder")
+    if any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty and holds no demo dataset (no demo.json); fklip replaces "
+                          "only what it made: choose an empty or new folder")
+    return False
+
+
 def generate_demo(cfg: DemoDataConfig, progress: bool = False) -> DemoPaths:
-    """Generate the demo dataset at `cfg.out` (replacing one there) and return its paths."""
+    """Generate the demo dataset at `cfg.out` and return its paths. It is built in a hidden folder
+    beside `cfg.out` and swapped into place whole (replacing one there: see `check_demo_out` for
+    what a caller should check first), so an interrupted run leaves no partial dataset."""
+    with staged_folder(cfg.out) as tmp:
+        _generate(dataclasses.replace(cfg, out=tmp), progress)
+    return demo_paths(cfg.out, cfg.size)
+
+
+def _generate(cfg: DemoDataConfig, progress: bool) -> None:
     paths = demo_paths(cfg.out, cfg.size)
-    # an interrupted regeneration must not look complete: the manifest goes first, comes back last
-    paths.manifest.unlink(missing_ok=True)
     rng = np.random.default_rng(cfg.seed)
     data_vocab, kb_vocab = build_vocabularies()
     logger.info("generating demo data in %s (%d train, %d val products, %d KB images, %d px)",
@@ -327,8 +365,7 @@ def generate_demo(cfg: DemoDataConfig, progress: bool = False) -> DemoPaths:
     write_json(paths.manifest, {
         "format": FORMAT,
         "version": VERSION,
-        "config": {"seed": cfg.seed, "size": cfg.size, "train": cfg.train, "val": cfg.val,
-                   "kb": cfg.kb, "encoding": cfg.encoding},
+        "config": settings(cfg),
         "counts": {"train_queries": len(train), "train_images": train_sink.count,
                    "val_queries": len(val), "val_images": val_sink.count,
                    "kb_images": kb_sink.count, "data_concepts": len(data_vocab),
@@ -337,7 +374,6 @@ def generate_demo(cfg: DemoDataConfig, progress: bool = False) -> DemoPaths:
     })
     logger.info("demo data: %d train images, %d val images, %d KB images",
                 train_sink.count, val_sink.count, kb_sink.count)
-    return paths
 
 
 def load_demo_manifest(out: Path) -> dict | None:

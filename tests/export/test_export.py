@@ -265,19 +265,19 @@ def test_earlier_export_kept_unless_forced(tiny_checkpoint, tmp_path, monkeypatc
 
     out = tmp_path / "out"
     first = _export(tiny_checkpoint, out)
-    with pytest.raises(ConfigError, match="--force"):
+    with pytest.raises(ConfigError, match="--overwrite"):
         _export(tiny_checkpoint, out)
     monkeypatch.setitem(specs.TOLERANCES, "fp32", specs.Tolerance(min_cosine=1.5, max_abs=0.0))
     with pytest.raises(ExportError):
-        _export(tiny_checkpoint, out, force=True)
+        _export(tiny_checkpoint, out, overwrite=True)
     assert json.loads((out / "manifest.json").read_text())["created"] == first["created"]
     monkeypatch.undo()
-    second = _export(tiny_checkpoint, out, force=True, precision="fp16")
+    second = _export(tiny_checkpoint, out, overwrite=True, precision="fp16")
     assert second["precision"] == "fp16" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
-        _export(tiny_checkpoint, tmp_path / "other", force=True)
+        _export(tiny_checkpoint, tmp_path / "other", overwrite=True)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
