@@ -133,14 +133,25 @@ def data_demo(out: Path, seed: int, size: int, n_train: int, n_val: int, n_kb: i
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow checkpoints that hold Python objects beyond tensors (runs their pickled code).")
 def data_inspect(paths: tuple[Path, ...], trust_checkpoint: bool) -> None:
-    """Check data files (.npz archives, JSON lines, checkpoints) and summarise each in one line.
+    """Check data files (.npz archives, JSON lines, feature files, checkpoints) and summarise each in one line.
 
-    Stops with exit code 2 at the first bad file.
+    Every file is checked: one summary line on stdout per good file, one error line on stderr per
+    bad one (and, for several files, a last line counting them); exit code 2 if any is bad.
     """
     from fklip.data.inspect import describe
+    from fklip.errors import DataError
 
+    bad = []
     for path in paths:
-        click.echo(describe(path, trust=trust_checkpoint))
+        try:
+            click.echo(describe(path, trust=trust_checkpoint))
+        except FklipError as e:
+            if len(paths) == 1:
+                raise
+            click.echo(f"fklip: error: {e}", err=True)
+            bad.append(str(path))
+    if bad:
+        raise DataError(f"{len(bad)} of {len(paths)} files are bad: {', '.join(bad)}")
 
 
 @data.command("models")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
 from typing import Iterable, Sequence
 
 
@@ -60,3 +63,31 @@ def raise_collected(problems: Iterable[str], header: str, error: type[FklipError
         raise error(f"{header}: {shown}")
     more = f"; ... and {len(problems) - limit} more" if len(problems) > limit else ""
     raise error(f"{header}: {len(problems)} problems: {shown}{more}")
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path if it is a regular file one can read (or a link to one); otherwise
+    DataError saying what it is instead: missing, a directory, a device, a pipe or a socket.
+    `what` says what was expected ("val queries (JSON lines)")."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        missing = "is a broken symbolic link" if path.is_symlink() else "no such file"
+        raise DataError(f"{path}: {missing}; expected {what}") from None
+    except NotADirectoryError:
+        raise DataError(f"{path}: no such file (a parent is not a directory); expected {what}") from None
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied); expected {what}") from None
+    except OSError as e:  # a symbolic link loop, a name too long ...
+        raise DataError(f"{path}: cannot be read ({e.strerror}); expected {what}") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path}: is a directory; expected {what}")
+    if not stat.S_ISREG(mode):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a special file")
+        raise DataError(f"{path}: is not a regular file ({kind}); expected {what}")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: cannot be read (permission denied); expected {what}")
+    return path

@@ -151,7 +151,7 @@ def rank_search_config(search: SearchConfig, ctx: DistContext) -> SearchConfig:
 
 def _run(cfg: EvalConfig, ctx: DistContext, make_encoder, staged) -> dict | None:
     from fklip.data.archive import ImageArchive
-    from fklip.data.jsonl import check_unique_ids, id_key, read_val_queries
+    from fklip.data.jsonl import id_key, read_val_queries
     from fklip.encode import TorchEncoder
 
     enc, started = cfg.encode, time.perf_counter()
@@ -159,8 +159,7 @@ def _run(cfg: EvalConfig, ctx: DistContext, make_encoder, staged) -> dict | None
     search_cfg = rank_search_config(cfg.search, ctx)
 
     # ---- load and check everything before the slow work
-    queries = read_val_queries(cfg.text_data)
-    check_unique_ids([q.query_id for q in queries], cfg.text_data, "query_id")
+    queries = read_val_queries(cfg.text_data)  # refuses repeated query_ids
     with contextlib.ExitStack() as scratch_stack, contextlib.ExitStack() as stack:
         archive = stack.enter_context(ImageArchive(cfg.image_data))
         encoder = stack.enter_context((make_encoder or TorchEncoder)(enc, device))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fklip.config import PredictConfig, SearchConfig
-from fklip.data.jsonl import Id, ValQuery, id_key, read_image_gold, read_val_queries
+from fklip.data.jsonl import Id, TextGold, ValQuery, id_key, read_image_gold, read_text_gold
 from fklip.errors import DataError, preview
 from fklip.features import check_same_dim, npy_ids_path, read_features
 from fklip.io import OutputSet, atomic_output, check_outputs, write_json
@@ -43,21 +43,26 @@ OUTPUT_NAMES = {
 
 @dataclass(frozen=True)
 class Gold:
-    """A gold file: key (id_key form) -> target ids (id_key form); duplicate keys keep the last line."""
+    """A gold file: key (id_key form) -> target ids (id_key form); the readers refuse repeated keys."""
 
     path: str
     targets: dict[str, list[str]]
     originals: dict[str, Id]  # key -> the key as written, for the original's failure JSON
 
 
-def gold_from_queries(queries: Sequence[ValQuery], path: str) -> Gold:
-    """Text-to-image gold: each query's item_ids (the val queries file, `--text-standard-path`)."""
+def gold_from_queries(queries: Sequence[ValQuery | TextGold], path: str) -> Gold:
+    """Text-to-image gold: each query's item_ids (the val queries of `fklip eval`)."""
     targets, originals = {}, {}
     for q in queries:
         key = id_key(q.query_id)
         targets[key] = [id_key(i) for i in q.item_ids]
         originals[key] = q.query_id
     return Gold(path, targets, originals)
+
+
+def gold_from_text_file(path: Path) -> Gold:
+    """Text-to-image gold from `--text-standard-path`: query_id and item_ids, as the original reads."""
+    return gold_from_queries(read_text_gold(path), str(path))
 
 
 def gold_from_image_file(path: Path) -> Gold:
@@ -201,16 +206,16 @@ def run_predict(cfg: PredictConfig) -> dict:
 
 def _predict(cfg: PredictConfig, staged: OutputSet) -> tuple[dict, list[str]]:
     t0 = time.perf_counter()
+    # the gold files first: small, so a bad one fails before the features are read
+    text_gold = gold_from_text_file(cfg.text_standard_path) if cfg.text_standard_path is not None else None
+    image_gold = gold_from_image_file(cfg.image_standard_path) if cfg.image_standard_path is not None else None
     images = read_features(cfg.image_feats, expect="image", progress=True)
     texts = read_features(cfg.text_feats, expect="text", progress=True)
     check_same_dim(images, texts)
     image_keys, text_keys = images.keys(), texts.keys()
-    text_gold = image_gold = None
-    if cfg.text_standard_path is not None:
-        text_gold = gold_from_queries(read_val_queries(cfg.text_standard_path), str(cfg.text_standard_path))
+    if text_gold is not None:
         check_targets(text_gold, image_keys, f"image ids of {cfg.image_feats}")
-    if cfg.image_standard_path is not None:
-        image_gold = gold_from_image_file(cfg.image_standard_path)
+    if image_gold is not None:
         check_targets(image_gold, text_keys, f"query ids of {cfg.text_feats}")
     t_load = time.perf_counter() - t0
 

@@ -42,7 +42,7 @@ def run_extract(cfg: ExtractConfig, make_encoder=None) -> list[dict]:
     interface, the default); the CLI passes the engines' for `--engine`. The outputs are checked
     against the inputs before any work and appear together at the end, or not at all."""
     from fklip.data.archive import ImageArchive
-    from fklip.data.jsonl import check_unique_ids, read_text_queries
+    from fklip.data.jsonl import read_text_queries
     from fklip.encode import TorchEncoder
     from fklip.io import OutputSet, check_outputs
 
@@ -53,8 +53,7 @@ def run_extract(cfg: ExtractConfig, make_encoder=None) -> list[dict]:
     # read and check every input before the slow work, so a bad file fails at once
     queries = None
     if cfg.text_data is not None:
-        queries = read_text_queries(cfg.text_data)
-        check_unique_ids([q.query_id for q in queries], cfg.text_data, "query_id")
+        queries = read_text_queries(cfg.text_data)  # refuses repeated query_ids
     written = []
     with OutputSet(outputs.values()) as staged, (make_encoder or TorchEncoder)(cfg.encode, device) as enc:
         if cfg.image_data is not None:

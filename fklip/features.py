@@ -8,6 +8,9 @@ float32 rounding is not certain goes through `json.loads`; rows are printed by a
 shortest-repr, and any row outside its proven range goes through `json.dumps`.
 The `.npy` form is a float16/float32 matrix beside `<name>.ids.jsonl`: a header object
 `{"id_field", "count", "dim", "dtype"}`, then one JSON id per line, in row order.
+Both forms follow the readers' rules (fklip.data.jsonl): a repeated id is an error, blank lines are
+skipped with one warning; and a row of NaN, infinite or only zero values is an error (an
+L2-normalised feature is never all zero: such a row comes from a broken extraction).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fklip.data.jsonl import Id, id_key
-from fklip.errors import ConfigError, DataError, preview, raise_collected
+from fklip.data.jsonl import Id, id_key, warn_blank_lines
+from fklip.errors import ConfigError, DataError, check_input_file, preview, raise_collected
 from fklip.io import OutputSet, atomic_output
 
 ID_FIELDS = ("image_id", "query_id")
@@ -34,6 +37,7 @@ NPY_DTYPES = ("float16", "float32")
 _CHUNK_BYTES = 1 << 22  # JSON text parsed per bulk call; its temporaries are a few times this
 _PROGRESS_BYTES = 1 << 20  # the progress bar moves every this many bytes read
 _CHUNK_VALUES = 1 << 17  # values printed, or checked for NaN, per step
+_REWRITE = "write both again with `fklip extract --format npy` (or `fklip eval --save-features npy`)"
 
 
 @dataclass
@@ -74,13 +78,21 @@ def _is_id(v: object) -> bool:
 
 
 def _check_rows(matrix: np.ndarray, ids: Sequence[Id], places: Sequence[int], unit: str) -> list[str]:
-    """Problems: rows with NaN/inf (checked in chunks, so a memmap is never loaded whole), and ids
-    met more than once (by id_key, so 94 and "94" collide). `places[i]` names row i as a `unit`."""
+    """Problems: rows with NaN/inf and rows of zeros (checked in chunks, so a memmap is never loaded
+    whole), and ids met more than once (by id_key, so 94 and "94" collide). `places[i]` names row i
+    as a `unit`."""
     step = max(1, _CHUNK_VALUES // max(1, matrix.shape[1]))
-    bad = [places[s + i] for s in range(0, len(matrix), step)
-           for i in np.flatnonzero(~np.isfinite(matrix[s:s + step]).all(axis=1)).tolist()]
-    plural = "s" * (len(bad) > 1)
-    problems = [f"NaN or infinite values on {len(bad)} {unit}{plural}: {preview(bad)}"] if bad else []
+    bad, zero = [], []
+    for s in range(0, len(matrix), step):
+        chunk = matrix[s:s + step]
+        bad += [places[s + i] for i in np.flatnonzero(~np.isfinite(chunk).all(axis=1)).tolist()]
+        zero += [places[s + i] for i in np.flatnonzero(~chunk.any(axis=1)).tolist()]  # NaN counts as nonzero
+    problems = []
+    if bad:
+        problems.append(f"NaN or infinite values on {len(bad)} {unit}{'s' * (len(bad) > 1)}: {preview(bad)}")
+    if zero:
+        problems.append(f"only zeros on {len(zero)} {unit}{'s' * (len(zero) > 1)}: {preview(zero)} (an "
+                        "L2-normalised feature is never all zero: the extraction that wrote it is broken)")
     first: dict[str, int] = {}
     dups: dict[str, list[int]] = {}
     for key, at in zip(map(id_key, ids), places):
@@ -101,8 +113,7 @@ def read_features(path: str | os.PathLike, *, expect: str | None = None, progres
         raise ValueError(f"expect must be None, 'image' or 'text', got {expect!r}")
     path = Path(path)
     what = f"{expect} features" if expect else "features"
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; expected {what} (.jsonl, or .npy beside its .ids.jsonl)")
+    check_input_file(path, f"{what} (.jsonl, or .npy beside its .ids.jsonl)")
     if path.suffix == ".npy":
         return _read_npy(path, what)
     from tqdm import tqdm
@@ -121,12 +132,27 @@ def _read_npy(path: Path, what: str) -> Features:
         got = f"shape {matrix.shape}, dtype {matrix.dtype.str}" if isinstance(matrix, np.ndarray) else ".npz"
         raise DataError(f"{path}: expected a 2-D float16 or float32 matrix of {what}, got {got}")
     ids_path = npy_ids_path(path)
-    if not ids_path.is_file():
-        raise DataError(f"{path}: its ids file {ids_path} is missing; write both with write_features")
-    problems, header, ids = [], None, []
+    if not ids_path.exists() and not ids_path.is_symlink():
+        raise DataError(f"{path}: its ids file {ids_path} is missing; {_REWRITE}")
+    check_input_file(ids_path, f"the ids file of {path}")
+    header, ids, problems = _read_ids_file(ids_path)
+    field, described = header.get("id_field"), tuple(header.get(k) for k in ("count", "dim", "dtype"))
+    if field not in ID_FIELDS or described != (*matrix.shape, matrix.dtype.name) or len(ids) != len(matrix):
+        problems.append(f'{ids_path} (header {{"id_field": {field!r}, "count", "dim", "dtype": {described}}}, '
+                        f"{len(ids)} ids) does not describe {path} ({matrix.shape[0]} x {matrix.shape[1]} "
+                        f"{matrix.dtype.name}); {_REWRITE}")
+    problems += _check_rows(matrix, ids, range(len(matrix)), "0-based row") if len(matrix) else ["no rows"]
+    raise_collected(problems, f"{path}: bad {what} file")
+    return Features(path, field, ids, matrix)
+
+
+def _read_ids_file(ids_path: Path) -> tuple[dict, list[Id], list[str]]:
+    """The header and ids of a `.ids.jsonl` file, and its problems (named by line)."""
+    problems, header, ids, blank = [], None, [], []
     with open(ids_path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
+                blank.append(lineno)
                 continue
             try:
                 value = json.loads(raw)
@@ -140,15 +166,9 @@ def _read_npy(path: Path, what: str) -> Features:
                 problems.append(f"{ids_path.name} line {lineno}: expected an int or string id, "
                                 f"got {value!r:.40}")
             ids.append(value)
-    header = header or {}
-    field, described = header.get("id_field"), tuple(header.get(k) for k in ("count", "dim", "dtype"))
-    if field not in ID_FIELDS or described != (*matrix.shape, matrix.dtype.name) or len(ids) != len(matrix):
-        problems.append(f'{ids_path} (header {{"id_field": {field!r}, "count", "dim", "dtype": {described}}}, '
-                        f"{len(ids)} ids) does not describe {path} ({matrix.shape[0]} x {matrix.shape[1]} "
-                        f"{matrix.dtype.name}); rewrite both with write_features")
-    problems += _check_rows(matrix, ids, range(len(matrix)), "0-based row") if len(matrix) else ["no rows"]
-    raise_collected(problems, f"{path}: bad {what} file")
-    return Features(path, field, ids, matrix)
+    if header is not None:
+        warn_blank_lines(ids_path, blank)
+    return header or {}, ids, problems
 
 
 _HEADS = {b'{"image_id": ': "image_id", b'{"query_id": ': "query_id"}  # both 13 bytes, as json.dumps
@@ -215,7 +235,7 @@ def _read_jsonl(path: Path, what: str, advance=lambda n: None) -> Features:
                 accept(lineno, field, id_, values[start:end])
         pending.clear()
 
-    size = 0  # bytes of the pending lines
+    size, blank = 0, []  # bytes of the pending lines; blank line numbers
     with open(path, "rb") as f:
         unreported = 0  # bytes read since the progress bar last moved
         for lineno, raw in enumerate(f, start=1):
@@ -234,6 +254,8 @@ def _read_jsonl(path: Path, what: str, advance=lambda n: None) -> Features:
                 if raw:
                     flush()  # rows stay in file order
                     slow(lineno, raw)
+                else:
+                    blank.append(lineno)
                 continue
             size = len(raw) + (size if pending else 0)
             pending.append((lineno, field, id_, raw, k))
@@ -244,6 +266,8 @@ def _read_jsonl(path: Path, what: str, advance=lambda n: None) -> Features:
     matrix = np.stack(rows) if rows else np.zeros((0, 0), np.float32)
     if not rows and not problems:
         problems.append("the file is empty; expected one JSON object per line")
+    else:
+        warn_blank_lines(path, blank)
     raise_collected(problems + _check_rows(matrix, ids, lines, "line"), f"{path}: bad {what} file")
     return Features(path, first["field"], ids, matrix)
 

@@ -40,9 +40,9 @@ KINDS = ("data", "kb")
 class Vocabulary:
     """One concept vocabulary (spec 1.3) with its hypernyms (spec 1.4).
 
-    ids: phrase -> concept id (the query_id; for a repeated phrase the last line wins).
+    ids: phrase -> concept id (the query_id; the reader refuses a repeated phrase or id).
     prompts: (id, query_text) of every line, in file order: the texts to encode.
-    rows: concept id -> row of `prompts` (last line wins), i.e. the row of a retrieval result.
+    rows: concept id -> row of `prompts`, i.e. the row of a retrieval result.
     fathers: phrase -> father ("" for a root); empty without a fathers file.
     unknown_fathers: distinct non-empty fathers that are not concepts (allowed; their slots get
         id -1).
@@ -54,8 +54,6 @@ class Vocabulary:
     prompts: tuple[tuple[int, str], ...]
     rows: Mapping[int, int]
     fathers: Mapping[str, str]
-    duplicate_phrases: int = 0
-    duplicate_ids: int = 0
     unknown_fathers: tuple[str, ...] = ()
     cyclic: tuple[str, ...] = ()
 
@@ -67,9 +65,6 @@ class Vocabulary:
         """One line for the log."""
         parts = [f"{self.path}: {len(self.ids)} concepts, {len(self.prompts)} prompts, "
                  f"{len(self.fathers)} father links"]
-        if self.duplicate_phrases or self.duplicate_ids:
-            parts.append(f"{self.duplicate_phrases} repeated phrases and {self.duplicate_ids} "
-                         "repeated ids (last line wins)")
         if self.unknown_fathers:
             parts.append(f"{len(self.unknown_fathers)} fathers are not concepts "
                          f"({preview(self.unknown_fathers, 3)})")
@@ -100,15 +95,13 @@ def load_vocabulary(queries_path: str | os.PathLike,
                     fathers_path: str | os.PathLike | None = None) -> Vocabulary:
     """Read a `*_concepts_queries.jsonl` and, optionally, its `*_concepts_fathers.jsonl`.
 
-    Malformed files raise DataError from the readers (file, line, what was expected).
+    Malformed files, and repeated phrases or ids, raise DataError from the readers (file, line,
+    what was expected).
     """
     ids: dict[str, int] = {}
     rows: dict[int, int] = {}
     prompts = []
-    dup_phrases = dup_ids = 0
     for row, q in enumerate(read_concept_queries(queries_path)):
-        dup_phrases += q.phrase in ids
-        dup_ids += q.query_id in rows
         ids[q.phrase] = q.query_id
         rows[q.query_id] = row
         prompts.append((q.query_id, q.query_text))
@@ -118,8 +111,7 @@ def load_vocabulary(queries_path: str | os.PathLike,
             fathers[f.phrase] = f.phrase_father
     unknown = dict.fromkeys(f for f in fathers.values() if f and f not in ids)
     return Vocabulary(path=str(queries_path), ids=ids, prompts=tuple(prompts), rows=rows,
-                      fathers=fathers, duplicate_phrases=dup_phrases, duplicate_ids=dup_ids,
-                      unknown_fathers=tuple(unknown), cyclic=tuple(_cyclic(fathers)))
+                      fathers=fathers, unknown_fathers=tuple(unknown), cyclic=tuple(_cyclic(fathers)))
 
 
 # ---- per-sample concept lists (spec 3.2, stance 6.5) ----

@@ -17,13 +17,11 @@ import resource
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from fklip.cli import cli
 from fklip.io import claim
-from tests.conftest import write_lines
 from tests.test_predict import make_case
 
 # ---------------------------------------------------------------- helpers

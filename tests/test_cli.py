@@ -62,6 +62,52 @@ def test_data_demo_and_inspect(tmp_path):
         assert what in text
 
 
+def test_inspect_checks_every_file_and_knows_feature_files(tmp_path):
+    """Every path is checked: a summary on stdout per good file, one error line per bad one (the
+    same rules as the commands, through the same readers), then a count, and exit code 2."""
+    from fklip.features import write_features
+
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((3, 4)).astype(np.float32)
+    write_features(tmp_path / "img.jsonl", ["94", "95", "96"], m, id_field="image_id")
+    write_features(tmp_path / "txt.npy", [10, 11, 12], m, id_field="query_id", fmt="npy", dtype="float16")
+    gold = write_lines(tmp_path / "gold.jsonl", [{"query_id": 10, "item_ids": ["94"]}])
+    good = [tmp_path / "img.jsonl", tmp_path / "txt.npy", tmp_path / "txt.ids.jsonl", gold]
+    m[1] = 0
+    write_features(tmp_path / "zero.npy", [1, 2, 3], m + 1, id_field="query_id", fmt="npy")
+    np.save(tmp_path / "zero.npy", m)  # a broken extraction's matrix
+    (tmp_path / "dir.jsonl").mkdir()
+    bad = {
+        write_lines(tmp_path / "q.jsonl", [{"query_id": 10, "query_text": "a", "item_ids": ["94"]},
+                                           {"query_id": "10", "query_text": "b", "item_ids": ["95"]}]):
+            'q.jsonl: bad val queries file: line 2: duplicate query_id "10" (first on line 1 as 10',
+        write_lines(tmp_path / "i.jsonl", [{"image_id": "94", "item_ids": [10]}, {"image_id": "94", "item_ids": [11]}]):
+            'i.jsonl: bad val images file: line 2: duplicate image_id "94" (first on line 1)',
+        write_lines(tmp_path / "t.jsonl", [{**TRAIN_LINE, "query_id": 3}, {**TRAIN_LINE, "query_id": 3}]):
+            "t.jsonl: bad train queries file: line 2: duplicate query_id 3 (first on line 1)",
+        tmp_path / "zero.npy": "zero.npy: bad features file: only zeros on 1 0-based row: 1",
+        tmp_path / "dir.jsonl": "dir.jsonl: is a directory",
+        "/dev/null": "/dev/null: is not a regular file (a character device)",
+    }
+    result = run_fklip("data", "inspect", *map(str, good[:2]), *map(str, bad), *map(str, good[2:]))
+    assert result.returncode == 2, result.stderr
+    out = result.stdout.strip().splitlines()
+    assert out == [f"{tmp_path / 'img.jsonl'}: features, JSON lines, 3 rows, dim 4, float32, id field image_id",
+                   f"{tmp_path / 'txt.npy'}: features, .npy with txt.ids.jsonl, 3 rows, dim 4, float16, "
+                   "id field query_id",
+                   f"{tmp_path / 'txt.ids.jsonl'}: ids file of .npy features, for txt.npy, 3 ids, dim 4, float16, "
+                   "id field query_id",
+                   f"{gold}: text-to-image gold, 1 records"]
+    err = result.stderr.strip().splitlines()
+    assert len(err) == len(bad) + 1 and all(line.startswith("fklip: error: ") for line in err), result.stderr
+    for line, expected in zip(err, bad.values()):
+        assert expected in line, (expected, line)
+    assert err[-1].startswith(f"fklip: error: {len(bad)} of {len(good) + len(bad)} files are bad: ")
+
+
+TRAIN_LINE = {"query_text": "a", "item_ids": ["1"], "phrases": [], "match_phrases": []}
+
+
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
     bad_json = write_lines(tmp_path / "q.jsonl", [{"query_id": 1, "query_text": "x", "item_ids": []},
                                                   "{oops"])

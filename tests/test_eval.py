@@ -166,7 +166,13 @@ def test_eval_bad_inputs(tmp_path, small_demo, tiny_checkpoint):
     assert r.exit_code == 2 and "1 gold ids are not among the images" in r.output and "'424242'" in r.output
     r = invoke(eval_args(small_demo, tmp_path / "none.pt", tmp_path / "o3"))
     assert r.exit_code == 2 and "no such checkpoint" in r.output
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    gold = small_demo.val_gold.read_text().splitlines()
+    repeated = write_lines(tmp_path / "g.jsonl", [*gold, gold[0]])  # the original: last line wins
+    r = invoke(eval_args(small_demo, tiny_checkpoint, tmp_path / "o4", "--image-standard-path", repeated))
+    first = json.loads(gold[0])["image_id"]
+    assert r.exit_code == 2 and f"g.jsonl: bad val images file: line {len(gold) + 1}: duplicate image_id " \
+        f"{json.dumps(first)} (first on line 1)" in r.output, r.output
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
 
 
 def test_search_runs_on_this_ranks_device_not_the_flags():

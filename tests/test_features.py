@@ -201,6 +201,57 @@ def test_missing_file(tmp_path):
         read_features(tmp_path / "none.jsonl", expect="image")
 
 
+def test_directories_and_devices_are_named_as_such(tmp_path):
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"d\.jsonl: is a directory; expected text features"):
+        read_features(tmp_path / "d.jsonl", expect="text")
+    with pytest.raises(DataError, match=r"/dev/null: is not a regular file \(a character device\); expected features"):
+        read_features("/dev/null")
+    path = write_features(tmp_path / "f.npy", [1, 2], unit_rows(2, 4), id_field="query_id", fmt="npy")[0]
+    npy_ids_path(path).unlink()
+    npy_ids_path(path).mkdir()
+    with pytest.raises(DataError, match=r"f\.ids\.jsonl: is a directory; expected the ids file of .*f\.npy"):
+        read_features(path)
+
+
+def test_all_zero_rows_are_refused(tmp_path):
+    """An L2-normalised feature is never all zero: such a row means a broken extraction."""
+    m = unit_rows(5, 3)
+    m[1] = m[3] = 0.0
+    m[3, 2] = -0.0
+    msg = bad_file(tmp_path, [line(str(i), row.tolist()) for i, row in enumerate(m)])
+    assert "only zeros on 2 lines: 2, 4 (an L2-normalised feature is never all zero" in msg
+    path = npy_pair(tmp_path, m.astype(np.float16), [1, 2, 3, 4, 5])
+    with pytest.raises(DataError, match=r"f\.npy: bad features file: only zeros on 2 0-based rows: 1, 3"):
+        read_features(path)
+    with pytest.raises(DataError, match="cannot write float32 features: only zeros on 2 0-based rows: 1, 3"):
+        write_features(tmp_path / "w.jsonl", list(range(5)), m, id_field="image_id")
+    tiny = np.full((1, 3), 1e-8, np.float32)  # nonzero in float32, zero once written as float16
+    with pytest.raises(DataError, match="cannot write float16 features: only zeros on 1 0-based row: 0"):
+        write_features(tmp_path / "w.npy", [1], tiny, id_field="image_id", fmt="npy", dtype="float16")
+    assert not (tmp_path / "w.jsonl").exists() and not (tmp_path / "w.npy").exists()
+
+
+def test_blank_lines_warn_once_in_feature_and_ids_files(tmp_path, caplog):
+    m = unit_rows(3, 4)
+    path = tmp_path / "f.jsonl"
+    path.write_text("\n".join([line("a", m[0].tolist()), "", line("b", m[1].tolist()), "  ",
+                               line("c", m[2].tolist())]) + "\n")
+    with caplog.at_level("WARNING", logger="fklip.data.jsonl"):
+        assert read_features(path).ids == ["a", "b", "c"]
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: skipped 2 blank lines (lines 2, 4)"]
+    caplog.clear()
+    npy = write_features(tmp_path / "g.npy", [1, 2, 3], m, id_field="query_id", fmt="npy")[0]
+    with caplog.at_level("WARNING", logger="fklip.data.jsonl"):
+        read_features(npy)
+    assert caplog.records == []  # the newline ending the last line is not a blank line
+    ids = npy_ids_path(npy)
+    ids.write_text(ids.read_text() + "\n")
+    with caplog.at_level("WARNING", logger="fklip.data.jsonl"):
+        assert read_features(npy).ids == [1, 2, 3]
+    assert [r.getMessage() for r in caplog.records] == [f"{ids}: skipped 1 blank line (line 5)"]
+
+
 # ---- the npy form ----
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])

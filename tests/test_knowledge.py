@@ -181,12 +181,36 @@ def test_retrieve_random_features_and_no_concepts():
 
 # ---- vocabulary ----
 
-def test_load_vocabulary_duplicates_last_wins_and_counts(tmp_path):
+def test_load_vocabulary_refuses_repeated_phrases_and_ids(tmp_path):
+    """The original kept the last line for a repeated phrase (phrase -> id) or id (id -> prompt
+    row), silently taking another concept: fklip refuses both, naming the lines."""
     queries = write_lines(tmp_path / "q.jsonl", [
         {"query_id": 0, "query_text": "a photo of bag", "phrase": "bag"},
         {"query_id": 1, "query_text": "a photo of red bag", "phrase": "red bag"},
         {"query_id": 2, "query_text": "a photo of bag!", "phrase": "bag"},
         {"query_id": 1, "query_text": "a photo of blue bag", "phrase": "blue bag"},
+    ])
+    with pytest.raises(DataError) as e:
+        load_vocabulary(queries)
+    msg = str(e.value)
+    assert "q.jsonl: bad concept queries file: 2 problems" in msg and "\n" not in msg
+    assert "line 4: duplicate query_id 1 (first on line 2)" in msg
+    assert 'line 3: duplicate phrase "bag" (first on line 1)' in msg
+    fathers = write_lines(tmp_path / "f.jsonl", [
+        {"query_id": 1, "phrase": "red bag", "phrase_father": "bag"},
+        {"query_id": 3, "phrase": "red bag", "phrase_father": "accessory"},
+    ])
+    good = write_lines(tmp_path / "g.jsonl", [{"query_id": 1, "query_text": "a photo of red bag", "phrase": "red bag"}])
+    with pytest.raises(DataError, match=r'f\.jsonl: bad concept fathers file: line 2: duplicate phrase "red bag" '
+                                        r"\(first on line 1\)"):
+        load_vocabulary(good, fathers)
+
+
+def test_load_vocabulary_rows_and_unknown_fathers(tmp_path):
+    queries = write_lines(tmp_path / "q.jsonl", [
+        {"query_id": 5, "query_text": "a photo of bag", "phrase": "bag"},
+        {"query_id": 1, "query_text": "a photo of red bag", "phrase": "red bag"},
+        {"query_id": 2, "query_text": "a photo of blue bag", "phrase": "blue bag"},
     ])
     fathers = write_lines(tmp_path / "f.jsonl", [
         {"query_id": 1, "phrase": "red bag", "phrase_father": "bag"},
@@ -194,14 +218,12 @@ def test_load_vocabulary_duplicates_last_wins_and_counts(tmp_path):
         {"query_id": 4, "phrase": "tote", "phrase_father": "accessory"},
     ])
     v = load_vocabulary(queries, fathers)
-    assert v.ids == {"bag": 2, "red bag": 1, "blue bag": 1}
-    assert v.prompts == ((0, "a photo of bag"), (1, "a photo of red bag"), (2, "a photo of bag!"),
-                         (1, "a photo of blue bag"))
-    assert v.rows == {0: 0, 1: 3, 2: 2}
-    assert (v.duplicate_phrases, v.duplicate_ids) == (1, 1)
+    assert v.ids == {"bag": 5, "red bag": 1, "blue bag": 2}
+    assert v.prompts == ((5, "a photo of bag"), (1, "a photo of red bag"), (2, "a photo of blue bag"))
+    assert v.rows == {5: 0, 1: 1, 2: 2}
     assert v.unknown_fathers == ("accessory",) and v.cyclic == ()
-    assert "1 repeated phrases" in v.summary() and "1 fathers are not concepts" in v.summary()
-    assert v.id_of("bag") == 2 and v.id_of("") == -1 and v.id_of("tote") == -1
+    assert "1 fathers are not concepts" in v.summary()
+    assert v.id_of("bag") == 5 and v.id_of("") == -1 and v.id_of("tote") == -1
     assert load_vocabulary(queries).fathers == {}
 
 
@@ -215,7 +237,7 @@ def test_load_vocabulary_on_demo_data(tmp_path):
         v = load_vocabulary(q, f)
         assert list(v.ids) == list(vocab_dict) and v.fathers == vocab_dict
         assert v.rows == {i: i for i in range(len(vocab_dict))}
-        assert (v.duplicate_phrases, v.duplicate_ids, v.unknown_fathers, v.cyclic) == (0, 0, (), ())
+        assert (v.unknown_fathers, v.cyclic) == ((), ())
     v = load_vocabulary(paths.concept_queries, paths.concept_fathers)
     assert with_hypernyms(["striped short sleeve t-shirt"], v) == [
         "striped short sleeve t-shirt", "short sleeve t-shirt", "t-shirt"]

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from fklip.cli import cli
 from tests import original_eval
-from tests.conftest import write_lines
+from tests.conftest import run_fklip, write_lines
 
 
 def make_case(tmp_path, n_img=12, n_txt=7, dim=4, seed=0, id_types=(str, int)):
@@ -16,6 +16,8 @@ def make_case(tmp_path, n_img=12, n_txt=7, dim=4, seed=0, id_types=(str, int)):
     rng = np.random.default_rng(seed)
     img = rng.integers(-2, 3, size=(n_img, dim)) / 4.0
     txt = rng.integers(-2, 3, size=(n_txt, dim)) / 4.0
+    for m in (img, txt):  # an all-zero feature is refused (never L2-normalised): give it a value
+        m[~m.any(axis=1), 0] = 0.25
     img_ids = [id_types[0](900 + i) for i in range(n_img)]
     txt_ids = [id_types[1](10 + j) for j in range(n_txt)]
     write_lines(tmp_path / "img.jsonl", [{"image_id": i, "feature": f.tolist()} for i, f in zip(img_ids, img)])
@@ -169,6 +171,35 @@ def test_bad_inputs_leave_no_outputs(tmp_path, breakage, message):
     result = CliRunner().invoke(cli, predict_args(tmp_path))
     assert result.exit_code == 2, result.output
     assert message.lower() in result.output.lower(), result.output
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_gold_without_query_text_is_enough(tmp_path):
+    """The original's predict_evaluate.py reads only query_id and item_ids of the text gold."""
+    case = make_case(tmp_path)
+    write_lines(tmp_path / "val_queries.jsonl", [{"query_id": q, "item_ids": v} for q, v in case[4].items()])
+    result = run(predict_args(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert outputs(tmp_path) == oracle_outputs(*case)
+
+
+@pytest.mark.parametrize("gold, record, expected", [
+    ("val_queries.jsonl", {"query_id": "11", "item_ids": ["900"]},
+     'val_queries.jsonl: bad text-to-image gold file: line 8: duplicate query_id "11" (first on line 2 as 11'),
+    ("val_images.jsonl", {"image_id": 905, "item_ids": [10]},
+     'val_images.jsonl: bad val images file: line 13: duplicate image_id 905 (first on line 6 as "905"'),
+])
+def test_repeated_gold_keys_are_refused(tmp_path, gold, record, expected):
+    """The original kept the last line of a repeated gold key and scored one query fewer: a
+    different recall, silently. fklip refuses the file, naming both lines, and writes nothing."""
+    make_case(tmp_path)
+    with open(tmp_path / gold, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    result = run_fklip(*predict_args(tmp_path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()  # the gold files are read first: no progress bars yet
+    assert len(lines) == 1 and lines[0].startswith(f"fklip: error: {tmp_path / gold}"), result.stderr
+    assert expected in lines[0]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 

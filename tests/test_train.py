@@ -160,7 +160,14 @@ def test_bad_inputs(tmp_path, demo):
     bad.write_text('{"query_id": 1}\n')
     r = invoke(with_train_data(train_args(demo, tmp_path, "e"), bad))
     assert r.exit_code == 2 and 'line 1: missing field "query_text"' in r.output
-    assert not any((tmp_path / n).exists() for n in "bcde")
+    lines = demo.train_queries.read_text().splitlines()
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text("\n".join([*lines, lines[1]]) + "\n")
+    r = invoke(with_train_data(train_args(demo, tmp_path, "f"), repeated))
+    qid = json.loads(lines[1])["query_id"]
+    assert r.exit_code == 2 and f"repeated.jsonl: bad train queries file: line {len(lines) + 1}: duplicate " \
+        f"query_id {json.dumps(qid)} (first on line 2)" in r.output, r.output
+    assert not any((tmp_path / n).exists() for n in "bcdef")
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, demo, monkeypatch):

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from fklip.data.jsonl import Id, id_key
-from fklip.errors import DataError, preview, raise_collected
+from fklip.errors import DataError, check_input_file, preview, raise_collected
 from fklip.io import atomic_output
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -96,9 +96,7 @@ class ImageArchive:
     """Lazy reader of an `.npz` image archive. Use as a context manager, or call `close()`."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: no such image archive")
+        self.path = check_input_file(path, "an image archive (.npz)")
         try:
             self._zip = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as e:

@@ -3,17 +3,29 @@
 Every reader checks every line and raises one `DataError` naming the file, the line numbers and
 what was expected. Ids may be ints or strings in the files; they keep their type in the records,
 and `id_key` gives the string form under which fklip compares them.
+
+The rules are the same for every file kind, and every command reads through these readers:
+
+* an id (or concept phrase) that keys the file may appear once: a repeat, compared by `id_key` (94
+  and "94" collide), is an error naming both lines. The original kept the last line in its dicts
+  and so silently scored fewer queries, or took another concept;
+* blank lines (empty or only whitespace; the newline ending the last line is not one) are skipped,
+  with one warning per file naming their line numbers; a file with nothing else is an error;
+* an input that is missing, a directory or not a regular file (/dev/null, a pipe) is an error
+  saying which (`fklip.errors.check_input_file`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Union
 
-from fklip.errors import DataError, raise_collected
+from fklip.errors import DataError, check_input_file, preview, raise_collected
+
+logger = logging.getLogger(__name__)
 
 Id = Union[int, str]
 
@@ -40,6 +52,14 @@ class ValQuery:
 
     query_id: Id
     query_text: str
+    item_ids: tuple[Id, ...]
+
+
+@dataclass(frozen=True)
+class TextGold:
+    """One query's gold images: all the text-to-image gold of `fklip predict` needs (spec 4.2)."""
+
+    query_id: Id
     item_ids: tuple[Id, ...]
 
 
@@ -123,15 +143,42 @@ def _strs(v: object) -> tuple[str, ...]:
 Field = tuple[str, Callable[[object], object]]
 
 
-def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """Yield (line number, parsed value) for each non-blank line; malformed JSON raises at once."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    seen = False
+def warn_blank_lines(path: str | os.PathLike, linenos: list[int]) -> None:
+    """The one warning a reader gives for the blank lines it skipped."""
+    if linenos:
+        plural = "s" * (len(linenos) > 1)
+        logger.warning("%s: skipped %d blank line%s (line%s %s)", path, len(linenos), plural, plural,
+                       preview(linenos, 10))
+
+
+def duplicate_problems(field: str, values: Iterable[tuple[int, Id]]) -> list[str]:
+    """One problem per value met again, compared by `id_key` (94 and "94" collide): where, the
+    value, and where it was first. `values` gives (line number, value) in file order."""
+    first: dict[str, tuple[int, Id]] = {}
+    problems = []
+    for at, value in values:
+        key = id_key(value)
+        if key not in first:
+            first[key] = (at, value)
+            continue
+        at0, value0 = first[key]
+        written = (f" as {json.dumps(value0)}; ids compare as strings"
+                   if json.dumps(value0) != json.dumps(value) else "")
+        problems.append(f"line {at}: duplicate {field} {json.dumps(value)} (first on line {at0}{written})")
+    return problems
+
+
+def iter_json_lines(path: str | os.PathLike, what: str = "JSON lines") -> Iterator[tuple[int, object]]:
+    """Yield (line number, parsed value) for each non-blank line; malformed JSON raises at once.
+
+    Blank lines are skipped with one warning once the file is read to its end (`warn_blank_lines`).
+    """
+    path = check_input_file(path, what)
+    seen, blank = False, []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
+                blank.append(lineno)
                 continue
             seen = True
             try:
@@ -140,15 +187,17 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
                 raise DataError(f"{path}, line {lineno}: malformed JSON ({e}); "
                                 "expected one JSON object per line") from None
     if not seen:
-        raise DataError(f"{path}: the file is empty; expected JSON lines")
+        raise DataError(f"{path}: the file is empty; expected {what}")
+    warn_blank_lines(path, blank)
 
 
 def read_records(path: str | os.PathLike, fields: list[Field], build: Callable[..., object],
-                 what: str) -> list:
-    """Read a JSON-lines file whose objects must carry `fields`; collect every problem, raise once."""
-    records, problems = [], []
+                 what: str, unique: tuple[str, ...] = ()) -> list:
+    """Read a JSON-lines file whose objects must carry `fields`, the values of each field named in
+    `unique` appearing once; collect every problem, raise once."""
+    records, lines, problems = [], [], []
     names = ", ".join(f'"{name}"' for name, _ in fields)
-    for lineno, obj in iter_json_lines(path):
+    for lineno, obj in iter_json_lines(path, f"{what} (JSON lines with {names})"):
         if not isinstance(obj, dict):
             problems.append(f"line {lineno}: expected a JSON object with {names}, "
                             f"got {type(obj).__name__}")
@@ -166,6 +215,9 @@ def read_records(path: str | os.PathLike, fields: list[Field], build: Callable[.
                 ok = False
         if ok:
             records.append(build(**values))
+            lines.append(lineno)
+    for name in unique:
+        problems += duplicate_problems(name, zip(lines, (getattr(r, name) for r in records)))
     raise_collected(problems, f"{path}: bad {what} file")
     return records
 
@@ -174,55 +226,52 @@ def read_train_queries(path: str | os.PathLike) -> list[TrainQuery]:
     """`fashion-gen_train_queries_phrases.jsonl`: query_id, query_text, item_ids, phrases, match_phrases."""
     fields = [("query_id", _id), ("query_text", _str), ("item_ids", _nonempty_ids),
               ("phrases", _strs), ("match_phrases", _strs)]
-    return read_records(path, fields, TrainQuery, "train queries")
+    return read_records(path, fields, TrainQuery, "train queries", unique=("query_id",))
 
 
 def read_val_queries(path: str | os.PathLike) -> list[ValQuery]:
     """`fashion-gen_val_queries.jsonl`: query_id, query_text, item_ids (the text-to-image gold)."""
     fields = [("query_id", _id), ("query_text", _str), ("item_ids", _ids)]
-    return read_records(path, fields, ValQuery, "val queries")
+    return read_records(path, fields, ValQuery, "val queries", unique=("query_id",))
+
+
+def read_text_gold(path: str | os.PathLike) -> list[TextGold]:
+    """The text-to-image gold of `fklip predict` (`--text-standard-path`): query_id and item_ids,
+    all the original's predict_evaluate.py reads (other fields, such as query_text, are ignored)."""
+    fields = [("query_id", _id), ("item_ids", _ids)]
+    return read_records(path, fields, TextGold, "text-to-image gold", unique=("query_id",))
 
 
 def read_text_queries(path: str | os.PathLike) -> list[TextQuery]:
     """Any queries file, for feature extraction: query_id and query_text (other fields ignored)."""
     fields = [("query_id", _id), ("query_text", _str)]
-    return read_records(path, fields, TextQuery, "text queries")
-
-
-def check_unique_ids(ids: list[Id], path: str | os.PathLike, field_name: str) -> None:
-    """Raise when two ids are the same once compared as strings (94 and "94" collide)."""
-    seen: set[str] = set()
-    dupes = []
-    for i in ids:
-        k = id_key(i)
-        if k in seen:
-            dupes.append(i)
-        seen.add(k)
-    if dupes:
-        from fklip.errors import preview
-
-        raise DataError(f"{path}: {len(dupes)} duplicate {field_name} values, first: {preview(dupes)}")
+    return read_records(path, fields, TextQuery, "text queries", unique=("query_id",))
 
 
 def read_concept_queries(path: str | os.PathLike) -> list[ConceptQuery]:
-    """`*_concepts_queries.jsonl`: query_id (int), query_text (the prompt), phrase."""
+    """`*_concepts_queries.jsonl`: query_id (int), query_text (the prompt), phrase.
+
+    Both the id and the phrase name one concept, so each appears once: the knowledge code maps
+    phrase -> id and id -> prompt row (the original kept the last line of each)."""
     fields = [("query_id", _int_id), ("query_text", _str), ("phrase", _str)]
-    return read_records(path, fields, ConceptQuery, "concept queries")
+    return read_records(path, fields, ConceptQuery, "concept queries", unique=("query_id", "phrase"))
 
 
 def read_concept_fathers(path: str | os.PathLike) -> list[ConceptFather]:
-    """`*_concepts_fathers.jsonl`: query_id, phrase, phrase_father ("" for a root)."""
+    """`*_concepts_fathers.jsonl`: query_id, phrase, phrase_father ("" for a root); one line per
+    concept, so query_id and phrase each appear once (a phrase has one father)."""
     fields = [("query_id", _id), ("phrase", _str), ("phrase_father", _str)]
-    return read_records(path, fields, ConceptFather, "concept fathers")
+    return read_records(path, fields, ConceptFather, "concept fathers", unique=("query_id", "phrase"))
 
 
 def read_image_gold(path: str | os.PathLike) -> list[ImageGold]:
     """`fashion-gen_val_images.jsonl`: image_id and item_ids, or image_id and text (spec 1.6).
 
-    As in the original, a line without `item_ids` has the one-element gold `[text]`.
+    As in the original, a line without `item_ids` has the one-element gold `[text]`. Each
+    image_id appears once.
     """
-    records, problems = [], []
-    for lineno, obj in iter_json_lines(path):
+    records, lines, problems = [], [], []
+    for lineno, obj in iter_json_lines(path, 'image-to-text gold (JSON lines with "image_id" and "item_ids")'):
         if not isinstance(obj, dict):
             problems.append(f'line {lineno}: expected a JSON object with "image_id" and "item_ids"')
             continue
@@ -242,5 +291,7 @@ def read_image_gold(path: str | os.PathLike) -> list[ImageGold]:
             problems.append(f"line {lineno}: ids must be {e}")
             continue
         records.append(ImageGold(image_id, gold))
+        lines.append(lineno)
+    problems += duplicate_problems("image_id", zip(lines, (r.image_id for r in records)))
     raise_collected(problems, f"{path}: bad val images file")
     return records

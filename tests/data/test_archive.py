@@ -120,8 +120,13 @@ def test_image_size_check(tmp_path):
 
 
 def test_unreadable_files(tmp_path):
-    with pytest.raises(DataError, match="no such image archive"):
+    with pytest.raises(DataError, match=r"none\.npz: no such file; expected an image archive"):
         ImageArchive(tmp_path / "none.npz")
+    (tmp_path / "dir.npz").mkdir()
+    with pytest.raises(DataError, match=r"dir\.npz: is a directory; expected an image archive"):
+        ImageArchive(tmp_path / "dir.npz")
+    with pytest.raises(DataError, match=r"/dev/null: is not a regular file \(a character device\)"):
+        ImageArchive("/dev/null")
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip at all")
     with pytest.raises(DataError, match="not an .npz archive"):
