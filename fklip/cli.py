@@ -23,6 +23,14 @@ PENDING: dict[str, tuple[str, int]] = {}
 DISTRIBUTED_COMMANDS = {"train", "eval"}  # the ones that shard their work under torchrun
 
 
+def _error(message: str) -> None:
+    """One line on stderr, on a line of its own: progress bars an error cut short end first."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+    click.echo(message, err=True)
+
+
 def _usage_line(e: click.UsageError) -> str:
     """click's usage error (three lines: usage, hint, error) as one line naming the help to read."""
     where = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
@@ -37,26 +45,26 @@ class FklipGroup(click.Group):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:
-            click.echo(_usage_line(e), err=True)
+            _error(_usage_line(e))
             raise click.exceptions.Exit(e.exit_code) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except FklipError as e:
-            click.echo(f"fklip: error: {e}", err=True)
+            _error(f"fklip: error: {e}")
             ctx.exit(e.exit_code)
         except click.UsageError as e:
-            click.echo(_usage_line(e), err=True)
+            _error(_usage_line(e))
             ctx.exit(e.exit_code)
         except OSError as e:  # a read or write the command did not turn into a FklipError itself
             if e.errno == errno.EPIPE:
                 raise
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-            click.echo(f"fklip: error: {where}{e.strerror or e}", err=True)
+            _error(f"fklip: error: {where}{e.strerror or e}")
             ctx.exit(2)
         except KeyboardInterrupt:
-            click.echo("fklip: interrupted", err=True)
+            _error("fklip: interrupted")
             ctx.exit(130)
 
 
@@ -417,6 +425,8 @@ def train(dist_url, dataset_type, stop_after, **flags) -> None:
     if stop_after is not None and stop_after < 1:
         raise ConfigError(f"--stop-after: expected a positive number of epochs, got {stop_after}")
     summary = run_train(cfg, stop_after=stop_after)
+    if summary is not None and summary["note"]:
+        click.echo(f"fklip: {summary['note']}", err=True)
     if summary is not None:
         for record in summary["epochs"]:
             click.echo(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))

@@ -109,8 +109,12 @@ def _remove_leftovers(folder: Path, name: str | None) -> list[Path]:
     return removed
 
 
-def output_error(path: Path, e: OSError) -> OutputError:
-    """One line for a failed write: the path and the cause (full disk, read-only, not a folder)."""
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def output_error(path: Path | str, e: OSError) -> OutputError:
+    """One line for a failed write: the path (or what it was, in words) and the cause (full disk,
+    read-only, not a folder). A staging file's name is shown as the output it stands for."""
     where = Path(e.filename) if getattr(e, "filename", None) else path
     hints = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -118,7 +122,8 @@ def output_error(path: Path, e: OSError) -> OutputError:
              errno.EFBIG: "the file is too large for this file system or limit",
              errno.EISDIR: "it is a folder"}
     cause = hints.get(e.errno, e.strerror or str(e))
-    shown = path if where == path or str(where).startswith(str(path.parent / f".{path.name}")) else where
+    staging = isinstance(path, Path) and str(where).startswith(str(path.parent / f".{path.name}"))
+    shown = path if where == path or staging else where
     return OutputError(f"cannot write {shown}: {cause}; nothing was written")
 
 
@@ -290,8 +295,11 @@ def _claimed(path: Path, lock_path: Path) -> Iterator[None]:
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:  # who holds it, for the message of a second claimant; a full disk only loses that
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        except OSError:
+            pass
         yield
     finally:
         try:
@@ -343,6 +351,11 @@ class OutputSet:
         try:
             if exc_type is None:
                 self._commit()
+            elif isinstance(exc, OSError) and exc.errno in _WRITE_FAILURES and self.targets:
+                # a write into a staging file (f.write names no file): say where the outputs go
+                folders = sorted({str(t.parent) for t in self.targets})
+                where = self.targets[0] if len(self.targets) == 1 else f"the outputs in {', '.join(folders)}"
+                raise output_error(where, exc) from None
         finally:
             for tmp in self._staged.values():
                 try:

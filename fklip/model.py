@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fklip.errors import CheckpointError, ConfigError
+from fklip.errors import CheckpointError, ConfigError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -469,4 +469,11 @@ def save_checkpoint(path: str | os.PathLike, model, spec: ModelSpec, *, epoch: i
     obj = {"fklip": checkpoint_meta(spec), "epoch": int(epoch), "name": name or spec.name,
            "state_dict": state_dict, **(extra or {})}
     with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) this way
+            import shutil
+
+            free = shutil.disk_usage(Path(path).parent).free
+            raise OutputError(f"cannot write {path}: {str(e).strip()[:160]} ({free / 2**20:.1f} MiB free "
+                              "there); the earlier checkpoints are as they were") from None

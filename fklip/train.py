@@ -162,10 +162,10 @@ def _train_in(cfg: TrainConfig, ctx: DistContext, stop_after: int | None, stack:
 
     history = []
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
-    if start_epoch >= cfg.epochs and ctx.is_main:
-        logger.warning("nothing to train: %s finished epoch %d of --epochs %d; pass a larger --epochs to train "
-                       "further (the learning-rate schedule then spans the new count)", cfg.resume, start_epoch,
-                       cfg.epochs)
+    note = None
+    if start_epoch >= cfg.epochs:
+        note = (f"nothing to train: {cfg.resume} finished epoch {start_epoch} of --epochs {cfg.epochs}; pass a "
+                "larger --epochs to train further (the learning-rate schedule then spans the new count)")
     for epoch in range(start_epoch, last_epoch):
         # ---- knowledge: encode the KB and the concept prompts, retrieve 20, keep 10 by MMR
         if cfg.is_concept and (cfg.is_update or knowledge is None):
@@ -246,7 +246,7 @@ def _train_in(cfg: TrainConfig, ctx: DistContext, stop_after: int | None, stack:
             log.epoch(record)
         if ctx.distributed:
             dist.barrier()
-    return {"run_dir": str(run_dir), "epochs": history} if ctx.is_main else None
+    return {"run_dir": str(run_dir), "epochs": history, "note": note} if ctx.is_main else None
 
 
 # ---------------------------------------------------------------- the pieces the loop calls

@@ -137,8 +137,10 @@ def test_an_output_never_replaces_an_input(case, tiny_checkpoint, small_demo):
     queries.write_bytes(small_demo.val_queries.read_bytes())
     refused(case, ["extract", "--extract-text-feats", "--text-data", queries, "--resume", tiny_checkpoint,
                    "--text-feat-output-path", queries], "--text-feat-output-path", "is also the input --text-data")
-    refused(case, ["eval", "--resume", tiny_checkpoint, "--image-data", small_demo.val_images, "--text-data",
-                   queries, "--output-dir", case], "fashion_text_output.json", "exists")
+    eval_args = ["eval", "--resume", tiny_checkpoint, "--image-data", small_demo.val_images, "--text-data",
+                 queries, "--output-dir", case / "e1"]
+    assert invoke(*eval_args).exit_code == 0
+    refused(case, eval_args, "already holds", "test_txts_predictions.jsonl", "pass --overwrite")
     # an eval output that is an input (its queries named like the predictions file)
     preds = case / "evalout" / "test_txts_predictions.jsonl"
     preds.parent.mkdir()
@@ -247,6 +249,21 @@ def test_full_disk_leaves_nothing(tmp_path, tiny_checkpoint, small_demo):
     _full_disk_run(tmp_path, lambda d: [*eval_args, "--output-dir", d / "e"], need)
 
 
+def test_full_disk_while_training_names_the_checkpoint(tmp_path, small_demo):
+    disk = tmp_path / "disk"
+    mounted = os.geteuid() == 0 and _mount(disk, "size=1m")  # room for the logs, not for a 28 MB checkpoint
+    try:
+        result = fklip("train", "--train-data", small_demo.train_queries, "--train-img", small_demo.train_images,
+                       "--logs", disk, "--name", "r", "--epochs", 1, "--batch-size", 4, "--report-to", "none",
+                       limit_file_bytes=None if mounted else 1 << 20)
+        assert result.returncode == 2, result.stderr
+        one_line(result.stderr, "cannot write", "epoch_1.pt")
+        assert not [p for p in snapshot(disk) if p.endswith(".tmp.pt") or "fklip-claim" in p]
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=False)
+
+
 # ---------------------------------------------------------------- 4. two runs, one output
 
 
@@ -308,13 +325,15 @@ def test_leftovers_of_killed_runs_are_removed(case, tiny_checkpoint, small_demo)
     legacy.mkdir()
     assert invoke("export", tiny_checkpoint, "--out", case / "exp").exit_code == 0
     assert not partial.exists() and not legacy.exists()
+    train = ["train", "--train-data", small_demo.train_queries, "--train-img", small_demo.train_images,
+             "--logs", case / "logs", "--name", "r", "--epochs", 2, "--batch-size", 4, "--report-to", "none",
+             "--save-most-recent"]
+    assert invoke(*train, "--stop-after", 1).exit_code == 0
     ckpts = case / "logs" / "r" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    (ckpts / f".epoch_3.pt.fklip-{_HOST}-{dead}-abc126.tmp.pt").write_bytes(b"half")
-    result = invoke("train", "--train-data", small_demo.train_queries, "--train-img", small_demo.train_images,
-                    "--logs", case / "logs", "--name", "r", "--epochs", 1, "--batch-size", 4, "--report-to", "none")
+    (ckpts / f".epoch_2.pt.fklip-{_HOST}-{dead}-abc126.tmp.pt").write_bytes(b"half")  # killed while saving
+    result = invoke(*train, "--resume", ckpts / "epoch_latest.pt")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_1.pt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_1.pt", "epoch_2.pt", "epoch_latest.pt"]
 
 
 def test_nan_stop_and_finished_resume_say_what_to_do(tmp_path, small_demo, monkeypatch):
