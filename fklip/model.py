@@ -19,8 +19,6 @@ import functools
 import json
 import logging
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fklip.checkpoint_file import read_checkpoint_file
 from fklip.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -264,47 +263,6 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)  # optimizer, scaler, ... (fklip training checkpoints)
 
 
-def _is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
-
-
-def _read_file(path: Path, trust: bool) -> tuple[str, Any]:
-    """(kind, object): ("torchscript", state_dict) or ("pickle", loaded object)."""
-    import torch
-
-    if _is_torchscript(path):
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: unreadable TorchScript archive ({e})") from None
-        return "torchscript", dict(module.state_dict())
-    try:
-        return "pickle", torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # Only an "Unsupported global" means a well-formed pickle that needs more than tensors.
-        found = [ln.split("Unsupported global:")[-1].split(" was not")[0].strip()
-                 for ln in str(e).splitlines() if "Unsupported global:" in ln]
-        if not found:
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable pickle)") from None
-        if not trust:
-            raise CheckpointError(
-                f"{path}: the checkpoint holds Python objects beyond tensors ({found[0][:120]}); "
-                "loading it could run code. Pass --trust-checkpoint only if you trust the file"
-            ) from None
-    except Exception as e:  # torch.load raises many types (KeyError, RuntimeError...) on non-checkpoints
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from None
-    try:
-        return "pickle", torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # arbitrary unpickling: report whatever it raised as one line
-        raise CheckpointError(f"{path}: could not load the checkpoint ({str(e)[:200]})") from None
-
-
 def _is_state_dict(obj: Any) -> bool:
     import torch
 
@@ -393,11 +351,12 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    kind, obj = _read_file(path, trust)
+    file = read_checkpoint_file(path, trust)
+    obj = file.content
     meta: dict = {}
     extra: dict = {}
     epoch = None
-    if kind == "torchscript":
+    if file.kind == "torchscript":
         source, state_dict = "openai-torchscript", obj
     elif isinstance(obj, dict) and isinstance(obj.get("fklip"), dict):
         source, meta = "fklip", obj["fklip"]

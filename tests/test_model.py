@@ -1,5 +1,7 @@
 import collections
 import dataclasses
+import os
+import pickle
 
 import pytest
 import torch
@@ -250,3 +252,63 @@ def test_trimmed_text_encoding_equals_the_full_77_positions(tiny_model, truncati
     for name in expected:  # float32 sums in another order: compare relative to the gradient's size
         error = (got[name] - expected[name]).norm() / expected[name].norm().clamp_min(1e-12)
         assert error < 1e-4, (name, float(error))
+
+
+# ---- pickles that run code
+
+
+class _RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"echo pwned > {self.marker}",)
+
+
+class _Evaluates:
+    def __init__(self, marker, function):
+        self.marker, self.function = marker, function
+
+    def __reduce__(self):
+        return self.function, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickled_calls_name_trust_checkpoint_and_never_run(tmp_path, tiny_model):
+    marker = tmp_path / "PWNED"
+    sd = tiny_model.state_dict()
+    system = f"{os.system.__module__}.system"  # posix.system
+    files = {  # name -> (writer, the global the message names)
+        "zip.pt": (lambda p: torch.save({"epoch": 1, "state_dict": sd, "args": _RunsShell(marker)}, p), system),
+        "legacy.pt": (lambda p: torch.save({"state_dict": sd, "args": _RunsShell(marker)}, p,
+                                           _use_new_zipfile_serialization=False), system),
+        "raw.pt": (lambda p: p.write_bytes(pickle.dumps(_RunsShell(marker))), system),  # STACK_GLOBAL
+        "raw0.pt": (lambda p: p.write_bytes(pickle.dumps(_RunsShell(marker), protocol=0)), system),
+        "exec.pt": (lambda p: torch.save({"x": _Evaluates(marker, exec)}, p), "exec"),
+        "eval.pt": (lambda p: p.write_bytes(pickle.dumps(_Evaluates(marker, eval))), "builtins.eval"),
+    }
+    for name, (write, named) in files.items():
+        write(tmp_path / name)
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(tmp_path / name)
+        message = str(e.value)
+        assert message.startswith(f"{tmp_path / name}: the checkpoint holds Python objects beyond tensors ("), name
+        assert named in message and "Pass --trust-checkpoint" in message, (name, message)
+        assert not marker.exists(), name
+    # the flag is what lets it run: os.system returns 0, and the weights load
+    assert load_checkpoint(tmp_path / "zip.pt", trust=True).source_format == "original"
+    assert marker.read_text().strip() == "pwned"
+
+
+def test_files_that_are_not_pickles_are_not_checkpoints(tmp_path):
+    import numpy as np
+
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(3))
+    (tmp_path / "arrays.npz").rename(tmp_path / "arrays.pt")
+    (tmp_path / "huge.pt").write_bytes(b"\x8e" + b"\xff" * 7 + b"\x0f" + b"abc")  # BINBYTES8 of 2**60 bytes
+    for name in ("random.pt", "empty.pt", "arrays.pt", "huge.pt"):
+        with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+            load_checkpoint(tmp_path / name)
+
