@@ -34,8 +34,8 @@ def describe(path: Path, trust: bool = False) -> str:
         ckpt = load_checkpoint(path, trust=trust)
         epoch = "" if ckpt.epoch is None else f", epoch {ckpt.epoch}"
         return (f"{path}: {ckpt.source_format} checkpoint, model {ckpt.spec.name}, "
-                f"{count_parameters(ckpt.model) / 1e6:.2f}M parameters, truncation "
-                f"{ckpt.spec.truncation}{epoch}")
+                f"{count_parameters(ckpt.model) / 1e6:.2f}M parameters, activation {ckpt.spec.activation}, "
+                f"truncation {ckpt.spec.truncation}{epoch}")
     first = next(jsonl.iter_json_lines(path))[1]
     if not isinstance(first, dict):
         raise DataError(f"{path}, line 1: expected a JSON object")
