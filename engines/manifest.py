@@ -16,11 +16,14 @@ from pathlib import Path
 
 from export.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, sha256_of
 from fklip.errors import ConfigError, DataError, raise_collected
+from fklip.model import ACTIVATIONS
 
 logger = logging.getLogger(__name__)
 
 TOWER_NAMES = ("image", "text")
 MODEL_FIELDS = {"name": str, "embed_dim": int, "image_size": int, "context_length": int, "truncation": str}
+# Fields older exports lack -> the values allowed ("activation": "gelu" or "quick_gelu").
+OPTIONAL_MODEL_FIELDS = {"activation": tuple(ACTIVATIONS)}
 
 # (resolved path, size, mtime_ns, ctime_ns) -> sha256; ctime changes on any write, even one that
 # restores the modification time.
@@ -56,6 +59,9 @@ def _structure_problems(manifest: dict) -> list[str]:
             value = model.get(name)
             if not isinstance(value, kind) or isinstance(value, bool):
                 problems.append(f'"model.{name}" should be {kind.__name__}, got {value!r}')
+        for name, allowed in OPTIONAL_MODEL_FIELDS.items():
+            if name in model and model[name] not in allowed:
+                problems.append(f'"model.{name}" should be one of {", ".join(allowed)}, got {model[name]!r}')
     towers = manifest.get("towers")
     if not isinstance(towers, dict):
         problems.append('no "towers" object')

@@ -64,7 +64,8 @@ def run_export(cfg: ExportConfig) -> dict:
 def _manifest(cfg: ExportConfig, spec, source: dict, towers: dict, int8: dict | None, trt: dict | None) -> dict:
     return build_manifest(
         model={"name": spec.name, "embed_dim": spec.embed_dim, "image_size": spec.image_size,
-               "context_length": spec.context_length, "truncation": spec.truncation},
+               "context_length": spec.context_length, "truncation": spec.truncation,
+               "activation": spec.activation},
         precision=cfg.precision, uint8_input=cfg.uint8_input, opset=towers["image"]["opset"],
         profile={"opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch},
         source=source, towers=towers, int8=int8, trt=trt)

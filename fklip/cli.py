@@ -191,7 +191,8 @@ def _encode_options(f):
                      help="--engine torch: fklip's towers (SDPA/flash attention, last block at the pooled token) with "
                           "weights in --precision fp32, fp16 or bf16."),
         click.option("--model", default=None,
-                     help="Architecture for checkpoints that do not record one (see `fklip data models`)."),
+                     help="Architecture for checkpoints that do not record one (see `fklip data models`); "
+                          "the original's, PAI and OpenAI checkpoints get its QuickGELU variant."),
         click.option("--img-batch-size", "image_batch_size", type=int, default=256, show_default=True),
         click.option("--text-batch-size", type=int, default=256, show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),

@@ -33,7 +33,8 @@ import click
 @click.option("--parity-texts", type=click.Path(path_type=Path),
               help="Queries (JSON lines) whose first --parity-samples captions join the parity check.")
 @click.option("--parity-samples", type=int, default=64, show_default=True)
-@click.option("--model", default=None, help="Architecture for checkpoints that do not record one.")
+@click.option("--model", default=None, help="Architecture for checkpoints that do not record one; the "
+              "original's, PAI and OpenAI checkpoints get its QuickGELU variant.")
 @click.option("--truncation", type=click.Choice(["original", "openai"]), default=None,
               help="Override the checkpoint's tokenizer truncation (recorded in the manifest).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that hold Python objects beyond tensors.")

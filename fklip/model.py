@@ -4,9 +4,14 @@ Checkpoints fklip reads (`load_checkpoint` tells them apart by content, never by
 
 - `fklip`: fklip's own, self-describing (`{"fklip": meta, "epoch", "state_dict", ...}`);
 - `original`: the original code's and the PAI checkpoint (`{"epoch", "state_dict"}`, keys
-  prefixed `module.`), and open_clip training checkpoints, which share that shape;
+  prefixed `module.`), and open_clip training checkpoints, which share that shape (and are
+  taken for the original's: QuickGELU);
 - `openai-torchscript`: OpenAI's `ViT-B-32.pt` TorchScript archive;
-- `state-dict`: a plain state dict (OpenAI's or open_clip's).
+- `openai-state-dict`: OpenAI's plain state dict (it holds the entries `_OPENAI_META_KEYS`);
+- `state-dict`: any other plain state dict (open_clip's).
+
+The activation (GELU or QuickGELU) changes the features but not the weights' shapes, so a file
+that does not record it is built by a rule and the choice is logged (see `_resolve_spec`).
 
 Nothing is unpickled beyond tensors and plain containers (`torch.load(weights_only=True)`);
 a file that needs more is refused unless the caller passes `trust=True` (`--trust-checkpoint`).
@@ -19,8 +24,6 @@ import functools
 import json
 import logging
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fklip.checkpoint_file import read_checkpoint_file
 from fklip.errors import CheckpointError, ConfigError, OutputError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,10 @@ MODEL_ALIASES = {
     "ViT-B/16": "ViT-B-16-quickgelu",
     "ViT-L/14": "ViT-L-14-quickgelu",
 }
+# open_clip's naming: `NAME` is built with GELU, `NAME-quickgelu` with QuickGELU (x * sigmoid(1.702 x)).
+QUICKGELU_SUFFIX = "-quickgelu"
+# What fklip records (checkpoints, export manifests) -> how messages name it.
+ACTIVATIONS = {"gelu": "GELU", "quick_gelu": "QuickGELU"}
 # Keys of OpenAI state dicts that are metadata, not weights.
 _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -74,6 +82,11 @@ def model_config(name: str) -> tuple[str, dict]:
     _register_fklip_configs()
     canonical = MODEL_ALIASES.get(name, name)
     cfg = open_clip.get_model_config(canonical) if "/" not in canonical else None
+    base = canonical.removesuffix(QUICKGELU_SUFFIX)
+    if cfg is None and base != canonical and "/" not in base:
+        # `NAME-quickgelu` for every `NAME`, as open_clip's registered pairs (same config but this)
+        cfg = open_clip.get_model_config(base)
+        cfg = None if cfg is None else {**cfg, "quick_gelu": True}
     if cfg is None:
         close = difflib.get_close_matches(name, list_model_names(), n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `fklip data models`"
@@ -106,6 +119,11 @@ class ModelSpec:
     @property
     def embed_dim(self) -> int:
         return int(self.config["embed_dim"])
+
+    @property
+    def activation(self) -> str:
+        """"quick_gelu" or "gelu": the config's `quick_gelu` (open_clip's default is GELU)."""
+        return "quick_gelu" if self.config.get("quick_gelu", False) else "gelu"
 
     @classmethod
     def from_name(cls, name: str, truncation: str = "original") -> "ModelSpec":
@@ -264,47 +282,6 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)  # optimizer, scaler, ... (fklip training checkpoints)
 
 
-def _is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
-
-
-def _read_file(path: Path, trust: bool) -> tuple[str, Any]:
-    """(kind, object): ("torchscript", state_dict) or ("pickle", loaded object)."""
-    import torch
-
-    if _is_torchscript(path):
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: unreadable TorchScript archive ({e})") from None
-        return "torchscript", dict(module.state_dict())
-    try:
-        return "pickle", torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # Only an "Unsupported global" means a well-formed pickle that needs more than tensors.
-        found = [ln.split("Unsupported global:")[-1].split(" was not")[0].strip()
-                 for ln in str(e).splitlines() if "Unsupported global:" in ln]
-        if not found:
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable pickle)") from None
-        if not trust:
-            raise CheckpointError(
-                f"{path}: the checkpoint holds Python objects beyond tensors ({found[0][:120]}); "
-                "loading it could run code. Pass --trust-checkpoint only if you trust the file"
-            ) from None
-    except Exception as e:  # torch.load raises many types (KeyError, RuntimeError...) on non-checkpoints
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from None
-    try:
-        return "pickle", torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # arbitrary unpickling: report whatever it raised as one line
-        raise CheckpointError(f"{path}: could not load the checkpoint ({str(e)[:200]})") from None
-
-
 def _is_state_dict(obj: Any) -> bool:
     import torch
 
@@ -323,8 +300,10 @@ def _clean_state_dict(state_dict: dict) -> dict:
     return out
 
 
-def config_from_state_dict(state_dict: dict) -> dict:
-    """Infer an open_clip config (QuickGELU, OpenAI layout) from tensor shapes, as clip.build_model."""
+def config_from_state_dict(state_dict: dict, quick_gelu: bool = True) -> dict:
+    """Infer an open_clip config (OpenAI layout) from tensor shapes, as clip.build_model.
+
+    The shapes do not tell the activation: QuickGELU, as clip.build_model, unless told."""
     try:
         vision_width, _, patch, _ = state_dict["visual.conv1.weight"].shape
         grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -334,7 +313,7 @@ def config_from_state_dict(state_dict: dict) -> dict:
         text_layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
         return {
             "embed_dim": int(state_dict["text_projection"].shape[1]),
-            "quick_gelu": True,
+            "quick_gelu": quick_gelu,
             "vision_cfg": {"image_size": int(patch * grid), "layers": vision_layers,
                            "width": int(vision_width), "head_width": 64, "patch_size": int(patch)},
             "text_cfg": {"context_length": int(state_dict["positional_embedding"].shape[0]),
@@ -368,36 +347,111 @@ def _load_weights(model, state_dict: dict, path: Path, model_name: str) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
-def _openai_lineage(spec: ModelSpec) -> ModelSpec:
-    """Checkpoints without a self-description come from OpenAI's lineage (OpenAI, the original,
-    PAI), all trained with QuickGELU: the original's `--model ViT-B-32` means the QuickGELU model.
-    Building the GELU variant would load without error and give wrong features."""
-    if spec.config.get("quick_gelu"):
+# Checkpoints that do not describe themselves -> how messages name them.
+_UNDESCRIBED = {
+    "original": 'a {"epoch", "state_dict"} checkpoint (the original\'s, PAI)',
+    "openai-torchscript": "a TorchScript archive",
+    "openai-state-dict": "an OpenAI state dict",
+    "state-dict": "a plain state dict",
+}
+# OpenAI's weights and those fine-tuned from them by the original code (PAI): trained with QuickGELU.
+_OPENAI_LINEAGE = ("original", "openai-torchscript", "openai-state-dict")
+
+
+def _named_variant(spec: ModelSpec, activation: str) -> ModelSpec | None:
+    """The model open_clip names for `spec`'s architecture with `activation` (`NAME` or
+    `NAME-quickgelu`), or None when no name gives exactly that."""
+    if spec.activation == activation:
         return spec
-    quick = f"{spec.name}-quickgelu"
+    base = spec.name.removesuffix(QUICKGELU_SUFFIX)
+    name = base + QUICKGELU_SUFFIX if activation == "quick_gelu" else base
     try:
-        return ModelSpec.from_name(quick, spec.truncation)
+        other = ModelSpec.from_name(name, spec.truncation)
     except ConfigError:
-        return ModelSpec(quick, {**spec.config, "quick_gelu": True}, spec.truncation)
+        return None
+    same = ({k: v for k, v in other.config.items() if k != "quick_gelu"}
+            == {k: v for k, v in spec.config.items() if k != "quick_gelu"})
+    return other if same and other.activation == activation else None
+
+
+def _with_activation(spec: ModelSpec, activation: str) -> ModelSpec:
+    """`spec`'s architecture with `activation`, under open_clip's name for it when there is one."""
+    named = _named_variant(spec, activation)
+    if named is not None:
+        return named
+    suffix = QUICKGELU_SUFFIX if activation == "quick_gelu" else "-gelu"
+    return ModelSpec(spec.name.removesuffix(QUICKGELU_SUFFIX) + suffix,
+                     {**spec.config, "quick_gelu": activation == "quick_gelu"}, spec.truncation)
+
+
+def _resolve_spec(path: Path, source: str, state_dict: dict, model_name: str | None,
+                  recorded: str | None) -> tuple[ModelSpec, str | None]:
+    """(spec, warning) for a checkpoint that does not describe itself. GELU and QuickGELU weights
+    have the same shapes and load into either model without error, so the activation follows a rule:
+
+    - a TorchScript archive whose modules say it (QuickGELU or GELU): that activation;
+    - OpenAI's lineage (OpenAI's archive or state dict, the original's and PAI checkpoints, all
+      trained with QuickGELU): the QuickGELU variant of `--model`, as the original meant
+      (`ViT-B-32` is `ViT-B-32-quickgelu`);
+    - any other plain state dict (open_clip's): `--model` as open_clip names it (`ViT-B-32` is
+      GELU, `ViT-B-32-quickgelu` QuickGELU);
+    - no `--model`: the architecture from the tensor shapes, with QuickGELU (as clip.build_model).
+
+    Unless the file said, the warning (one line) says which activation was built, why, and how
+    to pick the other.
+    """
+    quick = (recorded or "quick_gelu") == "quick_gelu"
+    if model_name is None:
+        spec = ModelSpec("inferred-from-weights", config_from_state_dict(state_dict, quick_gelu=quick))
+    else:
+        spec = ModelSpec.from_name(model_name)
+    lineage = source in _OPENAI_LINEAGE
+    if recorded is not None or lineage:
+        spec = _with_activation(spec, recorded or "quick_gelu")
+    if recorded is not None:
+        logger.info("%s: the archive's modules are %s; building %s", path, ACTIVATIONS[recorded], spec.name)
+        return spec, None
+    gelu = _named_variant(spec, "gelu")
+    gelu_name = gelu.name if gelu is not None and model_name is not None else "NAME"
+    label = ACTIVATIONS[spec.activation]
+    if lineage:
+        why = "as OpenAI's weights and the original's (PAI) are trained"
+        hint = f"for GELU weights, save the weights alone as a plain state dict and pass --model {gelu_name}"
+    elif model_name is None:
+        why = "as OpenAI's clip.build_model"
+        hint = "pass --model NAME (GELU) or NAME-quickgelu (QuickGELU), see `fklip data models`"
+    else:
+        why = ("as open_clip names it" if model_name not in MODEL_ALIASES
+               else f"as the original's name {model_name} means")
+        other = "gelu" if spec.activation == "quick_gelu" else "quick_gelu"
+        variant = _named_variant(spec, other)
+        hint = (f"pass --model {variant.name} for {ACTIVATIONS[other]} weights" if variant is not None
+                else f"no model name builds it with {ACTIVATIONS[other]}")
+    if model_name is None:
+        unknown, built = "architecture or activation", f"the tensor shapes' ViT with {label}"
+    else:
+        unknown, built = "activation", f"{spec.name} ({label})"
+    return spec, f"{path}: {_UNDESCRIBED[source]} does not record its {unknown}; built {built} {why}; {hint}"
 
 
 def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None,
                     truncation: str | None = None, trust: bool = False) -> Checkpoint:
     """Load any supported checkpoint into a fresh fp32 model on the CPU.
 
-    The architecture comes from the checkpoint's own description (fklip), else from `model_name`
-    in its QuickGELU form (see `_openai_lineage`), else from the tensor shapes (OpenAI layout,
-    QuickGELU). `truncation` overrides the tokenizer
-    mode; checkpoints that do not record one get the original's.
+    The architecture comes from the checkpoint's own description (fklip), else from `model_name`,
+    else from the tensor shapes; the activation of a file that does not record it follows
+    `_resolve_spec`. `truncation` overrides the tokenizer mode; checkpoints that do not record
+    one get the original's.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    kind, obj = _read_file(path, trust)
+    file = read_checkpoint_file(path, trust)
+    obj = file.content
     meta: dict = {}
     extra: dict = {}
     epoch = None
-    if kind == "torchscript":
+    if file.kind == "torchscript":
         source, state_dict = "openai-torchscript", obj
     elif isinstance(obj, dict) and isinstance(obj.get("fklip"), dict):
         source, meta = "fklip", obj["fklip"]
@@ -410,27 +464,33 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None,
     elif isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):
         source, state_dict, epoch = "original", obj["state_dict"], obj.get("epoch")
     elif _is_state_dict(obj):
-        source, state_dict = "state-dict", obj
+        openai = any(key in obj for key in _OPENAI_META_KEYS)
+        source, state_dict = "openai-state-dict" if openai else "state-dict", obj
     else:
         raise CheckpointError(f"{path}: not a CLIP checkpoint: expected a state dict, a "
                               '{"epoch", "state_dict"} dict, an fklip checkpoint or a TorchScript archive')
     state_dict = _clean_state_dict(state_dict)
 
+    warning = None
     if meta:
         spec = ModelSpec(meta["model_name"], meta["model_config"], meta.get("truncation", "original"))
+        # checkpoints written before fklip recorded "activation": their config's quick_gelu says it
+        if meta.get("activation", spec.activation) != spec.activation:
+            raise CheckpointError(f"{path}: records activation {meta['activation']!r} but its model config "
+                                  f"builds {spec.activation!r}; the checkpoint was edited, re-save it")
         if model_name is not None and MODEL_ALIASES.get(model_name, model_name) != spec.name:
             logger.warning("%s records model %s; ignoring --model %s", path, spec.name, model_name)
-    elif model_name is not None:
-        spec = _openai_lineage(ModelSpec.from_name(model_name))
     else:
-        spec = ModelSpec("inferred-from-weights", config_from_state_dict(state_dict))
+        spec, warning = _resolve_spec(path, source, state_dict, model_name, file.activation)
     if truncation is not None:
         spec = ModelSpec(spec.name, spec.config, truncation)
 
     model = build_model(spec)
     _load_weights(model, state_dict, path, spec.name)
-    logger.info("loaded %s checkpoint %s (model %s, truncation %s)", source, path, spec.name,
-                spec.truncation)
+    if warning is not None:  # once the weights fit: a file that fits no model needs no activation
+        logger.warning("%s", warning)
+    logger.info("loaded %s checkpoint %s (model %s, %s, truncation %s)", source, path, spec.name,
+                ACTIVATIONS[spec.activation], spec.truncation)
     return Checkpoint(model, spec, source, path, epoch if isinstance(epoch, int) else None, meta, extra)
 
 
@@ -446,6 +506,7 @@ def checkpoint_meta(spec: ModelSpec) -> dict:
         "version": CHECKPOINT_VERSION,
         "model_name": spec.name,
         "model_config": json.loads(json.dumps(spec.config)),
+        "activation": spec.activation,
         "truncation": spec.truncation,
         "fklip_version": __version__,
         "torch_version": str(torch.__version__),

@@ -144,12 +144,18 @@ def test_inspect_checkpoint_and_trust_flag(tmp_path, tiny_model, tiny_spec):
     result = invoke("data", "inspect", str(tmp_path / "m.pt"))
     assert result.exit_code == 0
     assert "fklip checkpoint, model fklip-tiny" in result.output and "epoch 2" in result.output
+    assert "activation quick_gelu" in result.output
     torch.save({"epoch": 1, "state_dict": tiny_model.state_dict(), "args": np.dtype("float32").type},
                tmp_path / "p.pt")
     refused = run_fklip("data", "inspect", str(tmp_path / "p.pt"))
     assert refused.returncode == 2 and "--trust-checkpoint" in refused.stderr
     trusted = run_fklip("data", "inspect", "--trust-checkpoint", str(tmp_path / "p.pt"))
     assert trusted.returncode == 0 and "original checkpoint" in trusted.stdout
+    # a file that does not record its activation: the one chosen, and a warning line on stderr
+    assert "activation quick_gelu" in trusted.stdout
+    (warning,) = [line for line in trusted.stderr.splitlines() if "WARNING" in line]
+    assert f"{tmp_path / 'p.pt'}: a {{\"epoch\", \"state_dict\"}} checkpoint (the original's, PAI) does not " \
+           "record its architecture or activation; built the tensor shapes' ViT with QuickGELU" in warning
 
 
 def test_models_lists_tiny_and_aliases():

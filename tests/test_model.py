@@ -1,5 +1,8 @@
 import collections
 import dataclasses
+import logging
+import os
+import pickle
 
 import pytest
 import torch
@@ -132,7 +135,7 @@ def test_plain_open_clip_and_openai_state_dicts(tmp_path, tiny_model):
     torch.save(openai_sd, tmp_path / "openai.pt")
     a = load_checkpoint(tmp_path / "open_clip.pt")
     b = load_checkpoint(tmp_path / "openai.pt")
-    assert a.source_format == b.source_format == "state-dict"
+    assert a.source_format == "state-dict" and b.source_format == "openai-state-dict"
     assert next(b.model.parameters()).dtype == torch.float32  # fp16 weights loaded into fp32
     ia, ta = _features(tiny_model)
     ib, tb = _features(b.model)
@@ -250,3 +253,201 @@ def test_trimmed_text_encoding_equals_the_full_77_positions(tiny_model, truncati
     for name in expected:  # float32 sums in another order: compare relative to the gradient's size
         error = (got[name] - expected[name]).norm() / expected[name].norm().clamp_min(1e-12)
         assert error < 1e-4, (name, float(error))
+
+
+# ---- the activation: GELU and QuickGELU weights have the same shapes
+
+
+@pytest.fixture
+def gelu_name(tiny_spec, monkeypatch):
+    """fklip-tiny's architecture with GELU, registered as open_clip registers ViT-B-32: "tiny-vit"
+    is GELU, and "tiny-vit-quickgelu" (derived, as every NAME-quickgelu) its QuickGELU twin."""
+    import open_clip
+
+    from fklip.model import list_model_names
+
+    list_model_names()  # fklip's configs first: registering them rescans and would drop this one
+    config = {k: v for k, v in tiny_spec.config.items() if k != "quick_gelu"}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-vit", config)
+    return "tiny-vit"
+
+
+@pytest.fixture
+def gelu_model(gelu_name):
+    torch.manual_seed(1)
+    return build_model(ModelSpec.from_name(gelu_name))
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("fklip")]
+
+
+def _assert_same_features(model, reference):
+    for got, want in zip(_features(model), _features(reference)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_names_follow_open_clip(gelu_name):
+    assert ModelSpec.from_name("ViT-B-32").activation == "gelu"
+    assert ModelSpec.from_name("ViT-B-32-quickgelu").activation == "quick_gelu"
+    assert ModelSpec.from_name("fklip-tiny").activation == "quick_gelu"
+    assert ModelSpec.from_name(gelu_name).activation == "gelu"
+    # NAME-quickgelu for a NAME open_clip registers without its twin (ViT-S-32): the same config, QuickGELU
+    twin = ModelSpec.from_name("ViT-S-32-quickgelu")
+    assert twin.name == "ViT-S-32-quickgelu"
+    assert twin.config == {**ModelSpec.from_name("ViT-S-32").config, "quick_gelu": True}
+    with pytest.raises(ConfigError, match="unknown model 'ViT-Q-32-quickgelu'"):
+        ModelSpec.from_name("ViT-Q-32-quickgelu")
+
+
+def test_plain_state_dict_is_built_as_open_clip_names_it(tmp_path, gelu_name, gelu_model, caplog):
+    """A GELU model's plain state dict with --model NAME: the GELU model, the very same features."""
+    torch.save(gelu_model.state_dict(), tmp_path / "x.pt")
+    ckpt = load_checkpoint(tmp_path / "x.pt", model_name=gelu_name)
+    assert ckpt.source_format == "state-dict"
+    assert ckpt.spec.name == gelu_name and ckpt.spec.activation == "gelu"
+    _assert_same_features(ckpt.model, gelu_model)
+    assert _warnings(caplog) == [
+        f"{tmp_path / 'x.pt'}: a plain state dict does not record its activation; built {gelu_name} (GELU) "
+        f"as open_clip names it; pass --model {gelu_name}-quickgelu for QuickGELU weights"]
+    # the QuickGELU twin loads the same weights without error but gives other features
+    caplog.clear()
+    quick = load_checkpoint(tmp_path / "x.pt", model_name=f"{gelu_name}-quickgelu")
+    assert quick.spec.activation == "quick_gelu"
+    assert (_features(quick.model)[0] - _features(gelu_model)[0]).abs().max() > 1e-3
+    assert _warnings(caplog) == [
+        f"{tmp_path / 'x.pt'}: a plain state dict does not record its activation; built "
+        f"{gelu_name}-quickgelu (QuickGELU) as open_clip names it; pass --model {gelu_name} for GELU weights"]
+
+
+def test_openai_lineage_is_built_with_quickgelu(tmp_path, gelu_name, tiny_model, caplog):
+    """The original's/PAI and OpenAI's state dicts: --model NAME means NAME-quickgelu, as the original."""
+    sd = tiny_model.state_dict()  # fklip-tiny is QuickGELU
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "pai.pt")
+    torch.save({**sd, "input_resolution": torch.tensor(64), "context_length": torch.tensor(77),
+                "vocab_size": torch.tensor(49408)}, tmp_path / "openai.pt")
+    for file, source in (("pai.pt", "original"), ("openai.pt", "openai-state-dict")):
+        caplog.clear()
+        ckpt = load_checkpoint(tmp_path / file, model_name=gelu_name)
+        assert ckpt.source_format == source
+        assert ckpt.spec.name == f"{gelu_name}-quickgelu" and ckpt.spec.activation == "quick_gelu"
+        _assert_same_features(ckpt.model, tiny_model)
+        (warning,) = _warnings(caplog)
+        assert warning.startswith(f"{tmp_path / file}: ")
+        assert (f"does not record its activation; built {gelu_name}-quickgelu (QuickGELU) as OpenAI's weights "
+                f"and the original's (PAI) are trained; for GELU weights, save the weights alone as a plain "
+                f"state dict and pass --model {gelu_name}") in warning
+    # without --model: the architecture of the tensor shapes, QuickGELU, and the warning says so
+    caplog.clear()
+    ckpt = load_checkpoint(tmp_path / "pai.pt")
+    assert ckpt.spec.activation == "quick_gelu"
+    _assert_same_features(ckpt.model, tiny_model)
+    (warning,) = _warnings(caplog)
+    assert "does not record its architecture or activation; built the tensor shapes' ViT with QuickGELU" in warning
+
+
+def test_plain_state_dict_without_model_is_inferred_with_quickgelu(tmp_path, tiny_model, caplog):
+    torch.save(tiny_model.state_dict(), tmp_path / "x.pt")
+    ckpt = load_checkpoint(tmp_path / "x.pt")
+    assert ckpt.spec.activation == "quick_gelu"
+    _assert_same_features(ckpt.model, tiny_model)
+    assert _warnings(caplog) == [
+        f"{tmp_path / 'x.pt'}: a plain state dict does not record its architecture or activation; built the "
+        "tensor shapes' ViT with QuickGELU as OpenAI's clip.build_model; pass --model NAME (GELU) or "
+        "NAME-quickgelu (QuickGELU), see `fklip data models`"]
+
+
+def test_torchscript_archives_say_their_activation(tmp_path, gelu_name, gelu_model, tiny_model, caplog):
+    """A traced model's modules are named (QuickGELU or GELU): that activation, and no warning."""
+    tokens = Tokenizer()(["a red dress"])
+    for name, model in (("gelu.pt", gelu_model), ("quick.pt", tiny_model)):
+        traced = torch.jit.trace(model, (torch.randn(1, 3, 64, 64), tokens), strict=False, check_trace=False)
+        traced.save(str(tmp_path / name))
+    gelu = load_checkpoint(tmp_path / "gelu.pt")
+    assert gelu.source_format == "openai-torchscript" and gelu.spec.activation == "gelu"
+    _assert_same_features(gelu.model, gelu_model)
+    named = load_checkpoint(tmp_path / "gelu.pt", model_name=gelu_name)
+    assert named.spec.name == gelu_name
+    quick = load_checkpoint(tmp_path / "quick.pt", model_name=gelu_name)  # OpenAI's archives: QuickGELU
+    assert quick.spec.name == f"{gelu_name}-quickgelu"
+    _assert_same_features(quick.model, tiny_model)
+    assert _warnings(caplog) == []
+
+
+def test_fklip_checkpoints_record_the_activation(tmp_path, gelu_name, gelu_model, caplog):
+    spec = ModelSpec.from_name(gelu_name)
+    save_checkpoint(tmp_path / "c.pt", gelu_model, spec)
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert raw["fklip"]["activation"] == "gelu" and raw["fklip"]["version"] == 1
+    ckpt = load_checkpoint(tmp_path / "c.pt", model_name=gelu_name)
+    assert ckpt.spec.activation == "gelu"
+    _assert_same_features(ckpt.model, gelu_model)
+    assert _warnings(caplog) == []
+    # written before fklip recorded it: the config's quick_gelu says it
+    del raw["fklip"]["activation"]
+    torch.save(raw, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").spec.activation == "gelu"
+    raw["fklip"]["activation"] = "quick_gelu"
+    torch.save(raw, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match="records activation 'quick_gelu' but its model config builds 'gelu'"):
+        load_checkpoint(tmp_path / "edited.pt")
+
+
+# ---- pickles that run code
+
+
+class _RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"echo pwned > {self.marker}",)
+
+
+class _Evaluates:
+    def __init__(self, marker, function):
+        self.marker, self.function = marker, function
+
+    def __reduce__(self):
+        return self.function, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickled_calls_name_trust_checkpoint_and_never_run(tmp_path, tiny_model):
+    marker = tmp_path / "PWNED"
+    sd = tiny_model.state_dict()
+    system = f"{os.system.__module__}.system"  # posix.system
+    files = {  # name -> (writer, the global the message names)
+        "zip.pt": (lambda p: torch.save({"epoch": 1, "state_dict": sd, "args": _RunsShell(marker)}, p), system),
+        "legacy.pt": (lambda p: torch.save({"state_dict": sd, "args": _RunsShell(marker)}, p,
+                                           _use_new_zipfile_serialization=False), system),
+        "raw.pt": (lambda p: p.write_bytes(pickle.dumps(_RunsShell(marker))), system),  # STACK_GLOBAL
+        "raw0.pt": (lambda p: p.write_bytes(pickle.dumps(_RunsShell(marker), protocol=0)), system),
+        "exec.pt": (lambda p: torch.save({"x": _Evaluates(marker, exec)}, p), "exec"),
+        "eval.pt": (lambda p: p.write_bytes(pickle.dumps(_Evaluates(marker, eval))), "builtins.eval"),
+    }
+    for name, (write, named) in files.items():
+        write(tmp_path / name)
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(tmp_path / name)
+        message = str(e.value)
+        assert message.startswith(f"{tmp_path / name}: the checkpoint holds Python objects beyond tensors ("), name
+        assert named in message and "Pass --trust-checkpoint" in message, (name, message)
+        assert not marker.exists(), name
+    # the flag is what lets it run: os.system returns 0, and the weights load
+    assert load_checkpoint(tmp_path / "zip.pt", trust=True).source_format == "original"
+    assert marker.read_text().strip() == "pwned"
+
+
+def test_files_that_are_not_pickles_are_not_checkpoints(tmp_path):
+    import numpy as np
+
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(3))
+    (tmp_path / "arrays.npz").rename(tmp_path / "arrays.pt")
+    (tmp_path / "huge.pt").write_bytes(b"\x8e" + b"\xff" * 7 + b"\x0f" + b"abc")  # BINBYTES8 of 2**60 bytes
+    for name in ("random.pt", "empty.pt", "arrays.pt", "huge.pt"):
+        with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+            load_checkpoint(tmp_path / name)
+

@@ -73,8 +73,8 @@ def describe(path: Path, trust: bool = False) -> str:
         ckpt = load_checkpoint(path, trust=trust)
         epoch = "" if ckpt.epoch is None else f", epoch {ckpt.epoch}"
         return (f"{path}: {ckpt.source_format} checkpoint, model {ckpt.spec.name}, "
-                f"{count_parameters(ckpt.model) / 1e6:.2f}M parameters, truncation "
-                f"{ckpt.spec.truncation}{epoch}")
+                f"{count_parameters(ckpt.model) / 1e6:.2f}M parameters, activation {ckpt.spec.activation}, "
+                f"truncation {ckpt.spec.truncation}{epoch}")
     lines = jsonl.iter_json_lines(path)
     try:
         lineno, first = next(lines)

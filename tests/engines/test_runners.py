@@ -535,9 +535,25 @@ def test_manifest_errors(export_copy, tmp_path):
         manifest_path.write_text(json.dumps({**manifest, **change}))
         with pytest.raises(DataError, match=message):
             read_manifest(export_copy)
+    manifest_path.write_text(json.dumps({**manifest, "model": {**manifest["model"], "activation": "relu"}}))
+    with pytest.raises(DataError, match=r'"model\.activation" should be one of gelu, quick_gelu'):
+        read_manifest(export_copy)
     manifest_path.unlink()
     with pytest.raises(DataError, match=r"manifest\.json: missing, so .* is not an fklip export folder \(it holds .*image\.onnx"):
         read_manifest(export_copy)
+
+
+def test_exports_without_the_activation_still_run(export_copy, tiny_exports):
+    """Manifests written before fklip recorded "model.activation" open, and give the same features."""
+    manifest_path = export_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["model"].pop("activation") == "quick_gelu"
+    manifest_path.write_text(json.dumps(manifest))
+    features = []
+    for folder in (export_copy, tiny_exports["float"]):
+        with build_runner(RunnerConfig("onnx", engine_dir=folder)) as runner:
+            features.append(pipeline.encode_texts(runner, tokenizer_for(runner), _texts(9), 4))
+    np.testing.assert_array_equal(features[0], features[1])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -72,7 +72,7 @@ def test_manifest_records_files_and_measurements(tiny_export, tiny_checkpoint, s
     assert on_disk == json.loads(json.dumps(manifest))
     assert on_disk["format"] == "fklip-export" and on_disk["precision"] == "fp32"
     assert on_disk["model"] == {"name": "fklip-tiny", "embed_dim": 64, "image_size": 64,
-                                "context_length": 77, "truncation": "original"}
+                                "context_length": 77, "truncation": "original", "activation": "quick_gelu"}
     assert on_disk["source"]["sha256"] == sha256_of(tiny_checkpoint)
     for section in ("towers", "int8"):
         for tower in ("image", "text"):
