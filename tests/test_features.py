@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fklip import features
-from fklip.errors import ConfigError, DataError
+from fklip.errors import ConfigError, DataError, OutputError
 from fklip.features import Features, check_same_dim, npy_ids_path, read_features, write_features
 
 
@@ -365,7 +365,7 @@ def test_failed_npy_write_leaves_neither_file(tmp_path, monkeypatch):
     # the ids file is written after the matrix: make it fail, over an old pair and for a new one
     monkeypatch.setattr(features, "json", SimpleNamespace(dumps=fail, loads=json.loads))
     for target in (path, tmp_path / "new.npy"):
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(OutputError, match="cannot write .*disk full; nothing was written"):
             write_features(target, [3, 4, 5], unit_rows(3, 4), id_field="query_id", fmt="npy")
     assert (path.read_bytes(), npy_ids_path(path).read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.ids.jsonl", "f.npy"]  # no temporaries left
