@@ -309,7 +309,7 @@ def cut_vs_full(model, ids: np.ndarray, args, device: str) -> dict:
 def topk_section(args, tmp: Path) -> dict:
     from fklip.bench import plain_topk
     from fklip.retrieval import topk_chunked
-    from fklip.topk_kernel import KernelConfig, fused_topk
+    from fklip.retrieval.kernel import KernelConfig, fused_topk
 
     device, q, n, k = args.device, args.topk_queries, args.topk_gallery, 10
     gen = torch.Generator(device=device).manual_seed(0)
@@ -335,7 +335,7 @@ def topk_section(args, tmp: Path) -> dict:
             variants[f"fused kernel {cfg.block_m}x{cfg.block_n}x{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}"] = \
                 (lambda c=cfg: fused_topk(queries, gallery, k, config=c))
         # gallery splits per query block: the default fills 4 programs per SM; fewer, longer
-        # splits run the insertion loop less often (see fklip.topk_kernel)
+        # splits run the insertion loop less often (see fklip.retrieval.kernel)
         for splits in (2, 4, 16):
             variants[f"fused kernel default tiles, {splits} splits"] = \
                 (lambda sp=splits: fused_topk(queries, gallery, k, splits=sp))

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from fklip.fused_topk import resolve_method
 from fklip.retrieval import tile_sizes, topk_chunked
+from fklip.retrieval.fused import resolve_method
 
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
 TOPK_TOLERANCE = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # plain vs fklip values

@@ -1,5 +1,5 @@
-"""The fused Triton top-k (fklip.topk_kernel, fklip.fused_topk) against `topk_reference` and the
-torch path, on one device: the CPU under Triton's interpreter, or CUDA.
+"""The fused Triton top-k (fklip.retrieval.kernel, fklip.retrieval.fused) against `topk_reference`
+and the torch path, on one device: the CPU under Triton's interpreter, or CUDA.
 
 Not collected by name (no test_ prefix): the interpreter must be chosen before triton is first
 imported, so `tests/test_fused_topk.py::test_kernel_under_interpreter` runs this file in a fresh
@@ -38,7 +38,7 @@ def _ranked(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Te
 def test_kernel_matches_reference(device, dtype, k, splits):
     # 45 queries: not a multiple of the 32-row block; dim 40: not a multiple of the 32-wide slice;
     # 301 rows: the last score block and split are partial. Grid features: exact scores, many ties.
-    from fklip.topk_kernel import KernelConfig, fused_topk
+    from fklip.retrieval.kernel import KernelConfig, fused_topk
 
     queries = grid_features(45, 40, levels=4, seed=1).to(device, dtype)
     rows = grid_features(301, 40, levels=4, seed=2).to(device, dtype)
@@ -50,7 +50,7 @@ def test_kernel_matches_reference(device, dtype, k, splits):
 
 @pytest.mark.parametrize("device", [DEVICE])
 def test_kernel_short_split_ties_and_negative_zero(device):
-    from fklip.topk_kernel import KernelConfig, fused_topk
+    from fklip.retrieval.kernel import KernelConfig, fused_topk
 
     cfg = KernelConfig(block_m=32, block_n=64, block_d=32) if device == "cpu" else None
     # 70 rows in splits of 64: the second split has 6 rows, fewer than k = 10: -1 entries.
@@ -72,7 +72,7 @@ def test_kernel_short_split_ties_and_negative_zero(device):
 def test_kernel_rising_scores(device):
     # Gallery rows in increasing score order: every block displaces the whole running top-k,
     # the slow case of the insertion loop.
-    from fklip.topk_kernel import KernelConfig, fused_topk
+    from fklip.retrieval.kernel import KernelConfig, fused_topk
 
     cfg = KernelConfig(block_m=32, block_n=64, block_d=32) if device == "cpu" else None
     query = torch.ones(2, 4, device=device)
@@ -124,7 +124,7 @@ def test_fused_refuses_scores_that_could_overflow(device):
 def test_fp16_features_skip_the_norm_pass(device, monkeypatch):
     """fp16 scores are bounded by D * 65504**2, so the overflow check reads no norms for them;
     bf16 (and float32) features still get the row-norm bound."""
-    import fklip.fused_topk as fused
+    from fklip.retrieval import fused
 
     read = []
     monkeypatch.setattr(fused, "_max_norm", lambda x, chunk, dev: read.append(x.dtype) or 1.0)

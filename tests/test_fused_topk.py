@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from fklip.errors import ConfigError
-from fklip.retrieval import topk_chunked, topk_reference
+from fklip.retrieval import chunked, topk_chunked, topk_reference
 from tests.conftest import ROOT
 from tests.test_retrieval import assert_same, grid_features
 
@@ -41,13 +41,11 @@ def test_kernel_under_interpreter():
 def test_auto_falls_back_to_torch_when_the_kernel_fails(monkeypatch, caplog):
     """"auto" answers from the torch path when the kernel itself fails (a compile, resource or
     launch error), with a warning; "fused" raises it."""
-    import fklip.fused_topk as fused
-
     def broken(*args, **kwargs):
         raise RuntimeError("out of resource: shared memory, required: 262144\nmore lines")
 
-    monkeypatch.setattr(fused, "resolve_method", lambda *args, **kwargs: "fused")
-    monkeypatch.setattr(fused, "search_fused", broken)
+    monkeypatch.setattr(chunked, "resolve_method", lambda *args, **kwargs: "fused")
+    monkeypatch.setattr(chunked, "search_fused", broken)
     queries, gallery = grid_features(9, 8, seed=1), grid_features(70, 8, seed=2)
     with caplog.at_level("WARNING", logger="fklip.retrieval"):
         got = topk_chunked(queries, gallery, 5, query_chunk=4, gallery_chunk=16)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fklip.errors import ConfigError, DataError
-from fklip import retrieval
-from fklip.retrieval import (MissingPredictionError, _chunk_top_keys, _decode, _group_size,
-                             _keys_from, _merge, _top_keys, failure_json, recall_at_ks, score_json,
+from fklip.retrieval import (MissingPredictionError, chunked, failure_json, recall_at_ks, score_json,
                              topk_both_ways, topk_chunked, topk_reference)
+from fklip.retrieval.chunked import _chunk_top_keys, _group_size, _top_keys
+from fklip.retrieval.codec import decode, keys_from, merge
 
 
 def grid_features(rows: int, dim: int, levels: int = 8, seed: int = 0) -> torch.Tensor:
@@ -104,11 +104,11 @@ def test_keys_order_like_scores_then_index():
     special = [float("-inf"), -3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1e-38, 0.5, 1.0, 3e38, float("inf")]
     values = torch.tensor(special * 2, dtype=torch.float32)
     indices = torch.arange(values.numel())
-    keys = _keys_from(values, indices)
+    keys = keys_from(values, indices)
     order = torch.argsort(keys, descending=True).tolist()
     want = sorted(range(values.numel()), key=lambda i: (-(values[i].item() + 0.0), i))
     assert order == want
-    decoded_values, decoded_indices = _decode(keys)
+    decoded_values, decoded_indices = decode(keys)
     assert torch.equal(decoded_indices, indices)
     assert torch.equal(decoded_values, values + 0.0)
 
@@ -188,12 +188,12 @@ def scores_for(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("m", [1, 3, 10, 40])
 def test_group_selection_matches_plain_topk(kind, cols, m):
     """`_top_keys` (group maxima, then candidates) against `_chunk_top_keys` (topk on the whole
-    row) on the same scores: the same key sets (each in any order; `_merge` sorts them), ties and
+    row) on the same scores: the same key sets (each in any order; `merge` sorts them), ties and
     unread groups included."""
     scores = scores_for(kind, 57, cols, seed=cols + m)
     assert _group_size(cols, m) >= 4 and cols // _group_size(cols, m) > m  # the grouped path runs
-    assert torch.equal(_merge(None, _top_keys(scores, m, 123), m),
-                       _merge(None, _chunk_top_keys(scores.contiguous(), m, 123), m))
+    assert torch.equal(merge(None, _top_keys(scores, m, 123), m),
+                       merge(None, _chunk_top_keys(scores.contiguous(), m, 123), m))
 
 
 def test_group_selection_tie_with_an_unread_group():
@@ -204,14 +204,14 @@ def test_group_selection_tie_with_an_unread_group():
     scores[0, [5, 6]] = 5.0  # heads of two more groups: the maxima's topk may read either first
     scores[1] = torch.arange(64.0)
     for m in (1, 2, 3, 4):
-        assert torch.equal(_merge(None, _top_keys(scores, m, 0), m),
-                           _merge(None, _chunk_top_keys(scores, m, 0), m))
-    assert _decode(_merge(None, _top_keys(scores, 3, 0), 3))[1][0].tolist() == [7, 9, 5]
+        assert torch.equal(merge(None, _top_keys(scores, m, 0), m),
+                           merge(None, _chunk_top_keys(scores, m, 0), m))
+    assert decode(merge(None, _top_keys(scores, 3, 0), 3))[1][0].tolist() == [7, 9, 5]
 
 
 def test_score_tiles_smaller_than_chunks(monkeypatch):
     """Tiles capped below the chunk sizes: several tiles per gallery chunk, offsets still right."""
-    monkeypatch.setattr(retrieval, "SCORE_TILE", (7, 50))
+    monkeypatch.setattr(chunked, "SCORE_TILE", (7, 50))
     queries, gallery = grid_features(40, 8, seed=16), grid_features(333, 8, seed=17)
     for k in (1, 10, 60):
         got = topk_chunked(queries, gallery, k, query_chunk=16, gallery_chunk=120)

@@ -35,7 +35,7 @@ def compile_kernel(dtype: str, k: int, capability: int, tmp_path: Path):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fklip.topk_kernel import KernelConfig, _fused_topk_kernel
+    from fklip.retrieval.kernel import KernelConfig, _fused_topk_kernel
 
     cfg = KernelConfig()
     signature = {**SIGNATURE, "q_ptr": DTYPES[dtype], "g_ptr": DTYPES[dtype]}

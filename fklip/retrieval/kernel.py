@@ -1,6 +1,7 @@
-"""The Triton kernel behind `fklip.fused_topk`: exact top-k fused with the score matmul. It keeps
-a running top-k per query while it computes query @ gallery.T, so the (Q, N) scores never reach
-memory. This module imports triton; `fklip.fused_topk` imports it only when the kernel is used.
+"""The Triton kernel behind `fklip.retrieval.fused`: exact top-k fused with the score matmul. It
+keeps a running top-k per query while it computes query @ gallery.T, so the (Q, N) scores never
+reach memory. This module imports triton (the only one of fklip.retrieval that does);
+`fklip.retrieval.fused` imports it only when the kernel is used.
 
 The kernel, for a block of BLOCK_M queries and one split of the gallery rows:
 

@@ -1,4 +1,4 @@
-"""Exact chunked top-k and recall@K: one implementation shared by training and evaluation (spec 4.2).
+"""Exact chunked top-k on torch: one implementation shared by training and evaluation (spec 4.2).
 
 The original ranks every (id, score) pair with Python's stable sort on descending score, so equal
 scores keep gallery (feature-file) order: the lower index wins. `topk_chunked` reproduces that rule
@@ -11,11 +11,12 @@ exactly without sorting whole rows and without ever holding a (Q, N) matrix:
   k * s candidates finds the k best *values*. Only when a tie straddles the cut (more scores equal
   to the k-th value than places left), or the k-th value equals an unpicked group's max, is the
   row re-ranked over the whole tile;
-* candidates are packed into unique int64 keys (order-preserving score bits << 32 | inverted index),
-  so merging the running top-k with a tile is one `torch.topk` with a single correct answer;
+* candidates are packed into unique int64 keys (fklip.retrieval.codec: order-preserving score
+  bits << 32 | inverted index), so merging the running top-k with a tile is one `torch.topk` with
+  a single correct answer;
 * `topk_both_ways` selects along the rows and along the columns of the same tile, so the two
   directions of a retrieval evaluation cost one matmul instead of two;
-* for fp16/bf16 features on CUDA (method "auto", or "fused" for any), fklip.fused_topk runs the
+* for fp16/bf16 features on CUDA (method "auto", or "fused" for any), fklip.retrieval.fused runs the
   matmul and the selection in one Triton kernel instead (no score tile in memory; fp16 read as
   fp16) and merges the same keys; this torch path is its fallback and oracle.
 
@@ -30,126 +31,26 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Iterable
 
-import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from fklip.errors import ConfigError, DataError, preview, raise_collected
+from fklip.errors import DataError
+from fklip.retrieval.codec import NO_KEY, decode, keys_from, merge
+from fklip.retrieval.fused import resolve_method, search_fused
+from fklip.retrieval.inputs import Gallery, check_inputs, gallery_rows
 
 logger = logging.getLogger(__name__)
 
-Gallery = Union[Tensor, np.ndarray]  # an np.memmap is an np.ndarray
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-_LOW32 = 0xFFFFFFFF  # the low half of a key holds _LOW32 - index, so a lower index is a larger key
-_SHIFT = 1 << 32
-_NO_KEY = torch.iinfo(torch.int64).min  # below every key (keys are > -2**31 * _SHIFT)
-# "auto": the fused Triton kernel (fklip.fused_topk) for fp16/bf16 on CUDA where it applies.
-METHODS = ("auto", "torch", "fused")
 # Largest score tile (query rows, gallery rows): 256 MiB of float32. Big tiles amortise the per-row
 # cost of the selection over more scores; tuned on 2 CPU cores (benchmarks/RESULTS.md). `tile_sizes`
 # cuts the inputs into equal tiles no larger than this.
 SCORE_TILE = (4096, 16384)
 
 
-class MissingPredictionError(DataError):
-    """A gold key has no prediction. `.key` is the key object itself (an int or a str)."""
-
-    def __init__(self, key: object) -> None:
-        super().__init__(f"gold key {key!r} has no prediction: it is in the gold file "
-                         "but missing from the predictions")
-        self.key = key
-
-
 # ---- top-k ----
-
-def _gallery_rows(gallery: Gallery, start: int, stop: int, device: torch.device,
-                  dtype: torch.dtype | None = torch.float32) -> Tensor:
-    """Rows [start, stop) as `dtype` (None: their own) on `device`; a memmap is only read for
-    these rows."""
-    if isinstance(gallery, Tensor):
-        rows = gallery[start:stop]
-    else:
-        # Copy: this reads a memmap's rows, and torch cannot wrap a read-only array safely.
-        rows = torch.from_numpy(np.array(gallery[start:stop]))
-    return rows.to(device=device, dtype=dtype or rows.dtype)  # (stop - start, D)
-
-
-def _bad_rows(x: Gallery, chunk: int, device: torch.device) -> list[int]:
-    """Row numbers holding NaN or inf, read chunk by chunk so a memmap is never loaded whole."""
-    bad: list[int] = []
-    for start in range(0, x.shape[0], chunk):
-        rows = _gallery_rows(x, start, start + chunk, device)  # (c, D)
-        # A row sum is non-finite whenever the row holds NaN or inf, and summing is far cheaper
-        # than a full isfinite mask; a finite row whose sum overflows is cleared by the exact test.
-        suspect = torch.nonzero(~torch.isfinite(rows.sum(dim=1))).flatten()
-        if suspect.numel():
-            exact = ~torch.isfinite(rows[suspect]).all(dim=1)
-            bad += (suspect[exact] + start).tolist()
-    return bad
-
-
-def _check_inputs(queries: Tensor, gallery: Gallery, k: int, query_chunk: int,
-                  gallery_chunk: int, method: str = "torch") -> None:
-    """Collect every problem with the arguments, then raise once."""
-    flags = [f"{name} must be an int >= 1, got {value!r}"
-             for name, value in (("k", k), ("query_chunk", query_chunk),
-                                 ("gallery_chunk", gallery_chunk))
-             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1]
-    if method not in METHODS:
-        flags.append(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    raise_collected(flags, "top-k: bad arguments", ConfigError)
-
-    problems = []
-    for name, x in (("queries", queries), ("gallery", gallery)):
-        if isinstance(x, Tensor):
-            dtype_ok, allowed = x.dtype in _FLOAT_DTYPES, "float32, float16 or bfloat16"
-        elif isinstance(x, np.ndarray) and name == "gallery":
-            dtype_ok, allowed = x.dtype in _NUMPY_DTYPES, "float32 or float16"
-        else:
-            kinds = "a torch tensor or a numpy array" if name == "gallery" else "a torch tensor"
-            problems.append(f"{name} must be {kinds}, got {type(x).__name__}")
-            continue
-        if x.ndim != 2:
-            problems.append(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
-        elif not dtype_ok:
-            problems.append(f"{name} must be {allowed}, got {x.dtype}")
-        elif x.shape[0] == 0:
-            problems.append(f"{name} is empty (0 rows)")
-    if not problems and queries.shape[1] != gallery.shape[1]:
-        problems.append(f"queries have dim {queries.shape[1]} but gallery rows have dim "
-                        f"{gallery.shape[1]}")
-    if not problems and gallery.shape[0] > _LOW32:
-        problems.append(f"gallery has {gallery.shape[0]} rows; at most {_LOW32} are supported")
-    raise_collected(problems, "top-k: bad inputs")
-
-    for name, x, chunk in (("queries", queries, query_chunk), ("gallery", gallery, gallery_chunk)):
-        bad = _bad_rows(x, chunk, queries.device)
-        if bad:
-            problems.append(f"{name}: {len(bad)} of {x.shape[0]} rows contain NaN or inf "
-                            f"(rows {preview(bad)}); re-extract those features")
-    raise_collected(problems, "top-k: non-finite features")
-
-
-def _keys_from(values: Tensor, indices: Tensor) -> Tensor:
-    """Pack float32 scores and int64 gallery indices into int64 keys ordered like
-    (score descending, index ascending): a larger key is a better hit, and no two keys are equal."""
-    bits = (values + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
-    # Negative floats sort backwards as ints: flip their 31 magnitude bits to make the map monotone.
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # within int32 range
-    return ordered * _SHIFT + (_LOW32 - indices)
-
-
-def _decode(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverse of `_keys_from`: (values float32, indices int64)."""
-    ordered = torch.div(keys, _SHIFT, rounding_mode="floor")  # floor keeps the low half >= 0
-    indices = _LOW32 - (keys - ordered * _SHIFT)
-    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(torch.int32)
-    return bits.view(torch.float32), indices
-
 
 def _check_scores(values: Tensor) -> None:
     """`values` are selected scores; torch.topk and amax rank NaN first, so any NaN shows here."""
@@ -165,7 +66,7 @@ def _chunk_top_keys(scores: Tensor, m: int, offset: int) -> Tensor:
     extra = int(m < scores.shape[1])
     values, idx = torch.topk(scores, m + extra, dim=1)  # (q, m + extra); ties in any order
     _check_scores(values)
-    keys = _keys_from(values[:, :m], idx[:, :m] + offset)  # (q, m)
+    keys = keys_from(values[:, :m], idx[:, :m] + offset)  # (q, m)
     if extra:
         # topk's choice among the scores equal to the m-th value is arbitrary; where it could not
         # take them all, re-rank the row over the whole chunk with exact keys.
@@ -202,8 +103,8 @@ def _exact_row_keys(scores: Tensor, m: int, offset: int, values: Tensor, keys: T
     pos = torch.topk(rank, m, dim=1, largest=False).indices  # the m first entries >= kth: (r, m)
     found = scores.gather(1, pos)
     # ties from the scan, entries above from the keys given: each entry once, at least m in all
-    ties = torch.where(found == kth, _keys_from(found, pos + offset), _NO_KEY)
-    above = torch.where(values > kth, keys, _NO_KEY)
+    ties = torch.where(found == kth, keys_from(found, pos + offset), NO_KEY)
+    above = torch.where(values > kth, keys, NO_KEY)
     return torch.topk(torch.cat([above, ties], dim=1), m, dim=1).values
 
 
@@ -214,7 +115,7 @@ def _group_size(n: int, m: int) -> int:
 
 
 def _top_keys(scores: Tensor, m: int, offset: int) -> Tensor:
-    """The same key set as `_chunk_top_keys(scores, m, offset)` (either in any order: `_merge`
+    """The same key set as `_chunk_top_keys(scores, m, offset)` (either in any order: `merge`
     sorts), selected mostly from group maxima.
 
     `scores` (q, g) may be a transposed view. The g columns are split into G groups of s
@@ -243,18 +144,10 @@ def _top_keys(scores: Tensor, m: int, offset: int) -> Tensor:
         cols = torch.cat([cols, tail], dim=1)  # (q, m * s + tail)
     values, pos = torch.topk(scores.gather(1, cols), m + 1, dim=1)  # (q, m + 1)
     _check_scores(values)
-    keys = _keys_from(values[:, :m], cols.gather(1, pos[:, :m]) + offset)  # (q, m)
+    keys = keys_from(values[:, :m], cols.gather(1, pos[:, :m]) + offset)  # (q, m)
     tied = (values[:, m] == values[:, m - 1]) | (values[:, m - 1] <= top_max[:, m])
     _redo_tied(keys, scores, values, tied, offset)
     return keys
-
-
-def _merge(best: Tensor | None, keys: Tensor, k: int) -> Tensor:
-    """The k largest of two key sets per row, best first. Keys are unique, so topk has exactly
-    one answer, already sorted."""
-    if best is not None:
-        keys = torch.cat([best, keys], dim=1)  # (q, <= 2k)
-    return torch.topk(keys, min(k, keys.shape[1]), dim=1).values
 
 
 def _even_tile(n: int, cap: int) -> int:
@@ -292,7 +185,7 @@ def topk_chunked(queries: Tensor, gallery: Gallery, k: int, *, query_chunk: int 
     gallery: (N, D) tensor or numpy array / np.memmap, read gallery_chunk rows at a time and
         moved to the queries' device.
     Returns values (Q, min(k, N)) float32 and indices (Q, min(k, N)) int64 on the queries' device.
-    method: "torch" (the path above), "fused" (fklip.fused_topk: the matmul and the selection in
+    method: "torch" (the path above), "fused" (fklip.retrieval.fused: the matmul and the selection in
         one Triton kernel, fp16/bf16 features read as they are; k <= 32), or "auto": fused for
         fp16/bf16 CUDA queries and gallery when it applies, torch otherwise. Both give the same results from the same
         float32 scores.
@@ -327,9 +220,7 @@ def _search(queries: Tensor, gallery: Gallery, k: int, query_chunk: int, gallery
             ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
     """The loop behind `topk_chunked` and `topk_both_ways`: for each query tile, each gallery
     tile's scores are selected along rows and, when `both_ways`, along columns too."""
-    _check_inputs(queries, gallery, k, query_chunk, gallery_chunk, method)
-    from fklip.fused_topk import resolve_method, search_fused  # no triton import unless it runs
-
+    check_inputs(queries, gallery, k, query_chunk, gallery_chunk, method)
     if resolve_method(queries, gallery, k, gallery_chunk, method) == "fused":
         try:
             return search_fused(queries, gallery, k, query_chunk, gallery_chunk, progress, both_ways)
@@ -350,79 +241,31 @@ def _search(queries: Tensor, gallery: Gallery, k: int, query_chunk: int, gallery
 
     starts: Iterable[int] = range(0, n_query, tile_q)
     if progress:
-        from tqdm import tqdm
         starts = tqdm(starts, desc="top-k both ways" if both_ways else "top-k", unit="query tile")
     for q0 in starts:
         query = queries[q0:q0 + tile_q].to(torch.float32)  # (q, D); no copy when already float32
         best = None  # (q, <= k) keys of the best hits so far
         for c0 in range(0, n_gallery, gallery_chunk):
-            chunk = _gallery_rows(gallery, c0, c0 + gallery_chunk, device)  # (c, D)
+            chunk = gallery_rows(gallery, c0, c0 + gallery_chunk, device)  # (c, D)
             tile = _even_tile(chunk.shape[0], tile_g)
             for g0 in range(0, chunk.shape[0], tile):
                 scores = _scores_into(buffer, query, chunk[g0:g0 + tile])  # (q, g)
                 keys = _top_keys(scores, min(k_row, scores.shape[1]), c0 + g0)  # (q, <= k)
-                best = _merge(best, keys, k_row)
+                best = merge(best, keys, k_row)
                 if both_ways:  # the same scores, column by column: (g, <= k) keys of query rows
                     keys = _top_keys(scores.T, min(k_col, scores.shape[0]), q0)
-                    best_col[c0 + g0] = _merge(best_col.get(c0 + g0), keys, k_col)
-        values[q0:q0 + tile_q], indices[q0:q0 + tile_q] = _decode(best)
+                    best_col[c0 + g0] = merge(best_col.get(c0 + g0), keys, k_col)
+        values[q0:q0 + tile_q], indices[q0:q0 + tile_q] = decode(best)
     if not both_ways:
         return (values, indices), None
-    return (values, indices), _decode(torch.cat([best_col[g0] for g0 in sorted(best_col)]))
+    return (values, indices), decode(torch.cat([best_col[g0] for g0 in sorted(best_col)]))
 
 
 @torch.no_grad()
 def topk_reference(queries: Tensor, gallery: Gallery, k: int) -> tuple[Tensor, Tensor]:
     """Slow oracle for `topk_chunked`: the full (Q, N) float32 score matrix and a stable sort on
     -score, as the original's Python sort. Same return format; -0.0 is reported as +0.0."""
-    rows = _gallery_rows(gallery, 0, gallery.shape[0], queries.device)  # (N, D)
+    rows = gallery_rows(gallery, 0, gallery.shape[0], queries.device)  # (N, D)
     scores = queries.to(torch.float32) @ rows.T + 0.0  # (Q, N)
     order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]  # (Q, min(k, N))
     return scores.gather(1, order), order
-
-
-# ---- recall (spec 4.2, `compute_score`) ----
-
-def recall_at_ks(predictions: Mapping[str, Sequence[str]], gold: Mapping[str, Sequence[str]],
-                 ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Any-hit recall over every gold key: a hit at K when any gold id is among the first K
-    predicted ids. Keys and ids are already in their `id_key` string form. Predictions for keys
-    absent from the gold are ignored.
-
-    Returns {"total": number of gold keys, "hits": {K: count}, "recall": {K: count * 1.0 / total}}.
-    Raises MissingPredictionError for the first gold key without a prediction, DataError for an
-    empty gold.
-    """
-    if not gold:
-        raise DataError("recall: the gold is empty; expected at least one key")
-    hits = {k: 0 for k in ks}
-    for key, gold_ids in gold.items():
-        if key not in predictions:
-            raise MissingPredictionError(key)
-        ranked = predictions[key]
-        wanted = set(gold_ids)
-        for k in ks:
-            hits[k] += not wanted.isdisjoint(ranked[:k])
-    total = len(gold)
-    return {"total": total, "hits": hits, "recall": {k: h * 1.0 / total for k, h in hits.items()}}
-
-
-def score_json(hits: Mapping[int, int], total: int) -> dict:
-    """The original's success output, with its float order: R = hits * 1.0 / total, mean of the
-    three R, then each times 100. `json.dumps` of it matches the original's digits."""
-    if total <= 0:
-        raise DataError(f"recall: the gold has {total} keys; expected at least one")
-    missing = [k for k in (1, 5, 10) if k not in hits]
-    if missing:
-        raise DataError(f"recall: hits lack K = {preview(missing)}; the score needs K = 1, 5, 10")
-    r1, r5, r10 = (hits[k] * 1.0 / total for k in (1, 5, 10))
-    mean_recall = (r1 + r5 + r10) / 3
-    mean_recall, r1, r5, r10 = (x * 100 for x in (mean_recall, r1, r5, r10))
-    return {"success": True, "score": mean_recall,
-            "scoreJson": {"score": mean_recall, "mean_recall": mean_recall,
-                          "r1": r1, "r5": r5, "r10": r10}}
-
-
-def failure_json(key: object) -> dict:
-    """The original's failure output; `key` (e.g. the missing gold key) keeps its type."""
-    return {"errorDetail": key, "errorMsg": key, "score": 0, "scoreJson": {}, "success": False}

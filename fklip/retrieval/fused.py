@@ -1,11 +1,14 @@
-"""Exact top-k with the fused Triton kernel (fklip.topk_kernel): `fklip.retrieval`'s search for
-CUDA tensors, with the torch path (matmul into a buffer, then `_top_keys`) as fallback and oracle.
+"""Exact top-k with the fused Triton kernel (fklip.retrieval.kernel): `fklip.retrieval`'s search
+for CUDA tensors, with the torch path (fklip.retrieval.chunked: matmul into a buffer, then
+`_top_keys`) as fallback and oracle.
 
 The gallery is read once, chunk by chunk, in its own dtype (fp16 features stay fp16: half the
 memory traffic of the torch path's float32 copy). Each chunk is searched by every query tile
 (and, both ways, searches the queries); the kernel's per-split entries become the same int64
-keys as the torch path's and are merged the same way, so results are those of `topk_reference`
-on the same float32 scores. triton is imported only when the kernel runs.
+keys as the torch path's (fklip.retrieval.codec) and are merged the same way, so results are
+those of `topk_reference` on the same float32 scores. triton is imported only when the kernel
+runs: fklip.retrieval.kernel, the only module that imports it, is imported inside the functions
+that use it.
 """
 
 from __future__ import annotations
@@ -17,17 +20,18 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from fklip.errors import ConfigError
+from fklip.retrieval.codec import NO_KEY, decode, keys_from, merge
+from fklip.retrieval.inputs import gallery_rows
 
 logger = logging.getLogger(__name__)
 
 
 def _max_norm(x, chunk: int, device: torch.device) -> float:
     """The largest row L2 norm of a tensor or array, read chunk by chunk in float64."""
-    from fklip.retrieval import _gallery_rows
-
-    return max(float(torch.linalg.vector_norm(_gallery_rows(x, s, s + chunk, device, torch.float64),
+    return max(float(torch.linalg.vector_norm(gallery_rows(x, s, s + chunk, device, torch.float64),
                                               dim=1).max()) for s in range(0, x.shape[0], chunk))
 
 
@@ -35,7 +39,7 @@ def why_not_fused(queries: Tensor, gallery, k: int, gallery_chunk: int) -> str |
     """Why the fused kernel cannot serve this search, or None when it can."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (it comes with PyTorch's CUDA wheels on Linux)"
-    from fklip.topk_kernel import MAX_K, interpreted
+    from fklip.retrieval.kernel import MAX_K, interpreted  # imports triton
 
     if queries.device.type != "cuda" and not interpreted():
         return (f"the queries are on {queries.device}: the kernel needs CUDA (or Triton's "
@@ -80,20 +84,17 @@ def resolve_method(queries: Tensor, gallery, k: int, gallery_chunk: int, method:
 
 
 def _keys_of(values: Tensor, index: Tensor, offset: int) -> Tensor:
-    """`topk_kernel.fused_topk`'s output as fklip.retrieval keys (q, S*k); a split's missing
+    """`kernel.fused_topk`'s output as fklip.retrieval.codec keys (q, S*k); a split's missing
     entries (index -1) get the smallest key, below every real one."""
-    from fklip.retrieval import _NO_KEY, _keys_from
-
-    keys = _keys_from(values, index + offset)
-    return keys.masked_fill_(index < 0, _NO_KEY)
+    keys = keys_from(values, index + offset)
+    return keys.masked_fill_(index < 0, NO_KEY)
 
 
 def search_fused(queries: Tensor, gallery, k: int, query_chunk: int, gallery_chunk: int,
                  progress: bool, both_ways: bool):
-    """`fklip.retrieval._search` with the fused kernel: same arguments (already checked) and
-    results."""
-    from fklip.retrieval import _decode, _gallery_rows, _merge
-    from fklip.topk_kernel import MAX_ELEMENTS, fused_topk
+    """`fklip.retrieval.chunked._search` with the fused kernel: same arguments (already checked)
+    and results."""
+    from fklip.retrieval.kernel import MAX_ELEMENTS, fused_topk  # imports triton
 
     n_query, n_gallery = queries.shape[0], gallery.shape[0]
     rows_max = MAX_ELEMENTS // max(1, queries.shape[1])  # the kernel's int32 offsets
@@ -103,20 +104,19 @@ def search_fused(queries: Tensor, gallery, k: int, query_chunk: int, gallery_chu
     best_col: list[Tensor] = []  # per gallery chunk: (c, <= k) keys of its best queries
     starts: Iterable[int] = range(0, n_gallery, gallery_chunk)
     if progress:
-        from tqdm import tqdm
         starts = tqdm(starts, desc="fused top-k both ways" if both_ways else "fused top-k",
                       unit="gallery chunk")
     for c0 in starts:
-        chunk = _gallery_rows(gallery, c0, c0 + gallery_chunk, queries.device, dtype=None)  # (c, D)
+        chunk = gallery_rows(gallery, c0, c0 + gallery_chunk, queries.device, dtype=None)  # (c, D)
         col = None  # (c, <= k) keys of this chunk's best queries so far
         for q0 in range(0, n_query, query_chunk):
             query = queries[q0:q0 + query_chunk]  # (q, D)
             values, index = fused_topk(query, chunk, min(k_row, chunk.shape[0]))
-            best[q0] = _merge(best.get(q0), _keys_of(values, index, c0), k_row)
+            best[q0] = merge(best.get(q0), _keys_of(values, index, c0), k_row)
             if both_ways:
                 values, index = fused_topk(chunk, query, min(k_col, query.shape[0]))
-                col = _merge(col, _keys_of(values, index, q0), k_col)
+                col = merge(col, _keys_of(values, index, q0), k_col)
         if both_ways:
             best_col.append(col)
-    ab = _decode(torch.cat([best[q0] for q0 in sorted(best)]))
-    return ab, (_decode(torch.cat(best_col)) if both_ways else None)
+    ab = decode(torch.cat([best[q0] for q0 in sorted(best)]))
+    return ab, (decode(torch.cat(best_col)) if both_ways else None)
