@@ -169,6 +169,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        if getattr(e, "filename", None) is not None and str(e.filename) not in (str(tmp), str(path)):
+            raise  # a read of some other file failed: it names itself
         raise output_error(path, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
