@@ -107,7 +107,7 @@ def make_exports(ckpt: Path, tmp: Path, precisions: Sequence[str], int8: bool = 
         if precision == "fp32" and int8:
             try:
                 manifest = run_export(ExportConfig(**common, int8=True))
-                facts["int8_parity"] = {t: manifest["int8"][t]["parity"]["random"] for t in ("image", "text")}
+                facts["int8_parity"] = {t: q.parity.random.as_dict() for t, q in manifest.int8.items()}
                 folders["int8"] = folder
             except ExportError as e:  # --int8 outside its tolerance: measured without it, and said so
                 facts["int8_export_error"] = str(e)

@@ -55,13 +55,13 @@ def export(checkpoint, out, onnx_, trt, precision, opt_batch, max_batch, int8, u
                        parity_images=parity_images, parity_texts=parity_texts,
                        parity_samples=parity_samples, overwrite=overwrite)
     manifest = run_export(cfg)
-    sections = [("onnx", manifest["towers"])] + [(k, manifest[k]) for k in ("int8", "trt") if manifest[k]]
+    sections = [("onnx", manifest.towers), ("int8", manifest.int8),
+                ("trt", manifest.trt.engines() if manifest.trt else None)]
     for kind, entries in sections:
-        for tower in ("image", "text"):
-            p = entries[tower]["parity"]
-            checks = ", ".join(f"{k} min cos {v['min_cosine']:.6f} max abs {v['max_abs']:.2g} ({v['samples']})"
-                               for k, v in p.items() if k in ("random", "real"))
-            click.echo(f"{kind:<4} {tower:<5} {entries[tower]['file']}: {checks}")
+        for tower, entry in (entries or {}).items():
+            checks = ", ".join(f"{k} min cos {v.min_cosine:.6f} max abs {v.max_abs:.2g} ({v.samples})"
+                               for k, v in entry.parity.figures().items())
+            click.echo(f"{kind:<4} {tower:<5} {entry.file}: {checks}")
     click.echo(f"wrote {out} ({precision}); manifest {out / 'manifest.json'}")
 
 

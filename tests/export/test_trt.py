@@ -21,9 +21,9 @@ from engines.trt_runner import (
     TRT_DTYPE_NAMES,
     TrtRunner,
     batch_slices,
-    export_manifest,
     image_input,
     text_input,
+    trt_manifest,
 )
 from export import trt as export_trt
 from export.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
@@ -438,8 +438,10 @@ def test_runner_reads_the_manifest_and_needs_tensorrt_to_enter(tmp_path, monkeyp
     assert (runner.backend, runner.embed_dim, runner.image_size, runner.context_length) == ("trt", D, S, CONTEXT)
     assert runner.image_encoding == "uint8_hwc" and runner.max_batch == 3 and runner.device == "cuda"
     m = runner.manifest
-    assert m.files == {"image": folder / "image.onnx", "text": folder / "text.onnx"}
-    assert m.specs["text"].max_length == CONTEXT and m.specs["text"].input.dtype == "int64"
+    assert m.folder == folder and m.graph_path("image") == folder / "image.onnx"
+    assert m.graph_path("text") == folder / "text.onnx"
+    assert runner.specs["text"].max_length == CONTEXT and runner.specs["text"].input.dtype == "int64"
+    assert runner.specs["image"].max_length is None and runner.plans == {}
     with pytest.raises(FklipError, match="inside a `with` block"):
         runner.encode_texts(np.zeros((1, 4), np.int64))
     monkeypatch.setitem(sys.modules, "tensorrt", None)
@@ -458,14 +460,14 @@ def test_manifest_problems_are_collected(tmp_path):
     manifest["towers"]["text"]["inputs"][0]["dtype"] = "float32"
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="4 problems") as e:
-        export_manifest(folder)
+        trt_manifest(folder)
     for part in ("precision: expected one of", "profile.opt_batch: expected 1..max_batch (3), got 4",
                  "towers.image.inputs[0]: expected float32", "towers.text.inputs[0]: expected int32 or int64"):
         assert part in str(e.value)
     del manifest["towers"]["text"]["batch_axis"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="towers.text.batch_axis: expected str, got None"):
-        export_manifest(folder)
+        trt_manifest(folder)
     (folder / "text.onnx").write_bytes(b"changed")
     with pytest.raises(DataError, match="modified after export"):  # the graphs' hashes are checked
         TrtRunner(RunnerConfig("trt", engine_dir=folder))
