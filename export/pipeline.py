@@ -3,7 +3,9 @@ against the PyTorch model, described by `manifest.json`.
 
 Everything is written into a hidden folder beside `--out` and renamed into place only when
 every check passed, so a failed export leaves nothing behind (and an earlier export intact);
-`--out` is claimed for the run, so two exports into it cannot mix.
+`--out` is claimed for the run, so two exports into it cannot mix. The TensorRT engines are
+built in that folder too, by a step the caller passes in (engines.trt_build.build_trt_engines):
+checking an engine needs a runner, and export/ imports nothing from engines/.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from export.manifest import (
     MANIFEST_NAME,
-    EngineEntry,
     ExportManifest,
     Int8Entry,
     ModelInfo,
@@ -41,10 +44,34 @@ from fklip.io import staged_folder
 logger = logging.getLogger(__name__)
 
 
-def run_export(cfg: ExportConfig) -> ExportManifest:
-    """Export, check and describe; returns the manifest written to `cfg.out / manifest.json`."""
+@dataclass(frozen=True)
+class StagedExport:
+    """An export checked and described in its staging folder, before it is moved into place:
+    what the `build_engines` step of `run_export` builds on."""
+
+    folder: Path  # the staging folder; its manifest.json is `manifest`
+    manifest: ExportManifest
+    model: torch.nn.Module  # the fp32 PyTorch model the graphs came from (the parity reference)
+    real: dict[str, np.ndarray | None]  # tower -> the real parity inputs, in the graph's input encoding
+    device: dict  # export.trt.device_facts() of the --trt check made before any slow work
+
+
+# Builds the TensorRT engines of a staged export, each checked against `model`; returns the
+# manifest's "trt" block, or raises (nothing is left behind).
+EngineBuilder = Callable[[StagedExport], TrtBlock]
+
+
+def run_export(cfg: ExportConfig, build_engines: EngineBuilder | None = None) -> ExportManifest:
+    """Export, check and describe; returns the manifest written to `cfg.out / manifest.json`.
+
+    With `cfg.trt`, `build_engines` (engines.trt_build.build_trt_engines, as `fklip export --trt`
+    passes it) builds the engines in the staging folder once the manifest of the graphs is
+    written there, and the block it returns joins the manifest.
+    """
     from fklip.model import load_checkpoint
 
+    if cfg.trt and build_engines is None:
+        raise ValueError("run_export: cfg.trt needs build_engines (engines.trt_build.build_trt_engines)")
     require_onnx()
     for flag, path in (("--parity-images", cfg.parity_images), ("--parity-texts", cfg.parity_texts)):
         if path is not None and not path.is_file():
@@ -73,8 +100,8 @@ def run_export(cfg: ExportConfig) -> ExportManifest:
             profile=Profile(opt_batch=cfg.opt_batch, max_batch=cfg.max_batch),
             source=source, towers=towers, int8=int8)
         manifest.write(tmp)
-        if cfg.trt:  # the trt runner reads the manifest above; the engines join it after
-            trt = _build_engines(ckpt.model, specs, real, tmp, cfg.precision, trt_facts)
+        if cfg.trt:  # built from the manifest above, as `fklip eval --engine trt` would; the engines join it after
+            trt = build_engines(StagedExport(tmp, manifest, ckpt.model, real, trt_facts))
             manifest = dataclasses.replace(manifest, trt=trt)
             manifest.write(tmp)
     return manifest
@@ -193,22 +220,3 @@ def _export_int8(model, specs, real, folder: Path) -> dict[str, Int8Entry]:
     raise_collected(problems, "--int8: quantised graphs are outside tolerance; nothing was written",
                     ExportError)
     return entries
-
-
-def _build_engines(model, specs, real, folder: Path, precision: str, device: dict) -> TrtBlock:
-    """TensorRT engines from the checked graphs (built by the trt runner from the manifest in
-    `folder`, as `fklip eval --engine trt` would), each checked against PyTorch after the build."""
-    from engines.base import RunnerConfig
-    from engines.trt_runner import TrtRunner
-
-    entries, problems = {}, []
-    with TrtRunner(RunnerConfig(backend="trt", engine_dir=folder)) as runner:
-        runs = {"image": runner.encode_images, "text": runner.encode_texts}
-        for name, spec in specs.items():
-            report, failed = check_tower(runs[name], model, spec, real[name], TOLERANCES[precision])
-            problems += [f"{name} engine: {p}" for p in failed]
-            plan = runner.plans[name]
-            entries[name] = EngineEntry(file=str(plan.relative_to(folder)), key=runner.engine_keys[name],
-                                        sha256=sha256_of(plan), parity=report)
-    raise_collected(problems, "--trt: engines are outside tolerance; nothing was written", ExportError)
-    return TrtBlock(device=device, **entries)

@@ -46,6 +46,7 @@ def export(checkpoint, out, onnx_, trt, precision, opt_batch, max_batch, int8, u
     A failed check leaves nothing behind; manifest.json records files, hashes, IO, the tolerances
     met and the figures measured.
     """
+    from engines.trt_build import build_trt_engines
     from export.pipeline import run_export
     from fklip.config import ExportConfig
 
@@ -54,7 +55,8 @@ def export(checkpoint, out, onnx_, trt, precision, opt_batch, max_batch, int8, u
                        max_batch=max_batch, int8=int8, uint8_input=uint8_input, ids_dtype=ids_dtype,
                        parity_images=parity_images, parity_texts=parity_texts,
                        parity_samples=parity_samples, overwrite=overwrite)
-    manifest = run_export(cfg)
+    # --trt: the engines are built and checked by engines/ (a runner's job) in export's staging folder
+    manifest = run_export(cfg, build_trt_engines if trt else None)
     sections = [("onnx", manifest.towers), ("int8", manifest.int8),
                 ("trt", manifest.trt.engines() if manifest.trt else None)]
     for kind, entries in sections:
