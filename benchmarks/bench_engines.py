@@ -58,19 +58,21 @@ BASELINE = "open_clip eager fp32"
 def add_int8_8bit(folders: dict[str, Path], tmp: Path) -> None:
     """A folder with the fp32 graphs (hard links) and onnxruntime's default 8-bit int8 weights as
     the int8 pair, for comparison with the --int8 recipe (folders["int8-8bit"])."""
-    from export.manifest import MANIFEST_NAME, file_entry
+    import dataclasses
+
+    from export.manifest import TOWER_NAMES, ExportManifest, Int8Entry, file_entry
     from export.quantize import int8_cpu_from_onnx
 
-    manifest = json.loads((folders["fp32"] / MANIFEST_NAME).read_text())
+    manifest = ExportManifest.read(folders["fp32"])
     cpu = folders["int8-8bit"] = tmp / "export-int8-8bit"
     cpu.mkdir()
-    manifest["int8"] = dict(manifest["int8"] or {})
-    for tower in ("image", "text"):
+    int8 = {}
+    for tower in TOWER_NAMES:
         os.link(folders["fp32"] / f"{tower}.onnx", cpu / f"{tower}.onnx")
         dst = cpu / f"{tower}.int8.onnx"
         info = int8_cpu_from_onnx(folders["fp32"] / f"{tower}.onnx", dst, "int8-8bit")
-        manifest["int8"][tower] = {**file_entry(dst), **info}
-    (cpu / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        int8[tower] = Int8Entry(**file_entry(dst), **info)
+    dataclasses.replace(manifest, int8=int8).write(cpu)
 
 
 def main() -> None:

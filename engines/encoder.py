@@ -13,6 +13,7 @@ import numpy as np
 
 from engines.base import RunnerConfig, build_runner, tokenizer_for
 from engines.pipeline import encode_archive, encode_texts
+from export.manifest import ExportManifest, sha256_of
 from fklip.config import EncodeConfig
 from fklip.data.archive import ImageArchive
 from fklip.errors import ConfigError
@@ -47,22 +48,22 @@ class EngineEncoder:
 
     def _check_export(self) -> None:
         """--truncation and --resume must agree with what the export recorded."""
-        from engines.manifest import read_manifest
-
-        manifest = read_manifest(self.enc.engine_dir, int8=self.enc.int8, verify=False)
-        recorded = manifest["model"]["truncation"]
+        manifest = ExportManifest.read(self.enc.engine_dir, int8=self.enc.int8, verify=False)
+        recorded = manifest.model.truncation
         if self.enc.truncation is not None and self.enc.truncation != recorded:
             raise ConfigError(f"--truncation {self.enc.truncation}: {self.enc.engine_dir} was exported "
                               f"with truncation {recorded!r}; re-export to change it")
         if self.enc.checkpoint is not None:
-            from export.manifest import sha256_of
-
             if not self.enc.checkpoint.is_file():
                 raise ConfigError(f"--resume {self.enc.checkpoint}: no such file")
-            if sha256_of(self.enc.checkpoint) != manifest["source"]["sha256"]:
+            source = manifest.source
+            if source is None:
+                raise ConfigError(f"--resume {self.enc.checkpoint}: {self.enc.engine_dir} does not record the "
+                                  "checkpoint it was exported from; re-export it or drop --resume")
+            if sha256_of(self.enc.checkpoint) != source.sha256:
                 raise ConfigError(f"--resume {self.enc.checkpoint} is not the checkpoint "
                                   f"{self.enc.engine_dir} was exported from "
-                                  f"({manifest['source']['checkpoint']}); re-export it or drop --resume")
+                                  f"({source.checkpoint}); re-export it or drop --resume")
 
     def describe(self) -> dict:
         r = self.runner

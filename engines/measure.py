@@ -94,6 +94,7 @@ def make_exports(ckpt: Path, tmp: Path, precisions: Sequence[str], int8: bool = 
     for `batch`; image graphs taking uint8 pixels when `uint8_input`. Returns {precision: folder} ("int8": the fp32 folder, when its int8 graphs met
     their tolerance) and what building them took (an int8 export outside its tolerance is
     redone without --int8 and the error kept under "int8_export_error")."""
+    from engines.trt_build import build_trt_engines
     from export.onnx_export import ExportError
     from export.pipeline import run_export
     from fklip.config import ExportConfig
@@ -103,17 +104,18 @@ def make_exports(ckpt: Path, tmp: Path, precisions: Sequence[str], int8: bool = 
         folder = tmp / f"export-{precision}"
         common = {"checkpoint": ckpt, "out": folder, "precision": precision, "trt": precision in trt,
                   "opt_batch": batch, "max_batch": max(batch, 256), "uint8_input": uint8_input}
+        engines = build_trt_engines if precision in trt else None
         started = time.perf_counter()
         if precision == "fp32" and int8:
             try:
-                manifest = run_export(ExportConfig(**common, int8=True))
-                facts["int8_parity"] = {t: manifest["int8"][t]["parity"]["random"] for t in ("image", "text")}
+                manifest = run_export(ExportConfig(**common, int8=True), engines)
+                facts["int8_parity"] = {t: q.parity.random.as_dict() for t, q in manifest.int8.items()}
                 folders["int8"] = folder
             except ExportError as e:  # --int8 outside its tolerance: measured without it, and said so
                 facts["int8_export_error"] = str(e)
-                run_export(ExportConfig(**common, overwrite=True))
+                run_export(ExportConfig(**common, overwrite=True), engines)
         else:
-            run_export(ExportConfig(**common))
+            run_export(ExportConfig(**common), engines)
         folders[precision] = folder
         facts[f"export_{precision}_s"] = round(time.perf_counter() - started, 1)
     return folders, facts

@@ -19,7 +19,7 @@ from engines.base import (
     parse_device,
     text_ids_from,
 )
-from engines.manifest import graph_entries, read_manifest
+from export.manifest import ExportManifest
 from fklip.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -55,30 +55,30 @@ class OnnxRunner:
         from export.onnx_export import ort_session
 
         cfg = self.cfg
-        manifest = read_manifest(cfg.engine_dir, int8=cfg.int8)
-        model = manifest["model"]
+        manifest = ExportManifest.read(cfg.engine_dir, int8=cfg.int8)
+        model = manifest.model
         self.manifest = manifest
-        self.model_name = model["name"]
-        self.truncation = cfg.truncation or model["truncation"]
-        self.embed_dim, self.image_size = model["embed_dim"], model["image_size"]
-        self.context_length = model["context_length"]
-        self.precision = "int8" if cfg.int8 else manifest.get("precision", "fp32")
+        self.model_name = model.name
+        self.truncation = cfg.truncation or model.truncation
+        self.embed_dim, self.image_size = model.embed_dim, model.image_size
+        self.context_length = model.context_length
+        self.precision = "int8" if cfg.int8 else manifest.precision or "fp32"
         if cfg.precision not in ("fp32", self.precision):
             raise ConfigError(f"--precision {cfg.precision}: the onnx engine runs the graphs as exported "
                               f"({self.precision}); re-export with --precision {cfg.precision}")
         if cfg.model is not None and cfg.model != self.model_name:
             logger.warning("%s holds model %s; ignoring --model %s", cfg.engine_dir, self.model_name, cfg.model)
-        self.max_batch = int(manifest["profile"]["max_batch"])
-        self.graphs = graph_entries(manifest, cfg.int8)  # tower -> manifest entry (file, IO, parity)
-        image_in, text_in = self.graphs["image"]["inputs"][0], self.graphs["text"]["inputs"][0]
-        if image_in["dtype"] not in ENCODING_OF_DTYPE:
-            raise ConfigError(f"{cfg.engine_dir}: image graph input dtype {image_in['dtype']!r} is not supported")
-        self.image_encoding = ENCODING_OF_DTYPE[image_in["dtype"]]
-        self.ids_dtype = text_in["dtype"]
-        self._names = {t: (e["inputs"][0]["name"], e["outputs"][0]["name"]) for t, e in self.graphs.items()}
+        self.max_batch = manifest.profile.max_batch
+        self.graphs = manifest.graphs(cfg.int8)  # tower -> manifest entry (file, IO, parity)
+        image_in, text_in = self.graphs["image"].input, self.graphs["text"].input
+        if image_in.dtype not in ENCODING_OF_DTYPE:
+            raise ConfigError(f"{cfg.engine_dir}: image graph input dtype {image_in.dtype!r} is not supported")
+        self.image_encoding = ENCODING_OF_DTYPE[image_in.dtype]
+        self.ids_dtype = text_in.dtype
+        self._names = {t: (e.input.name, e.output.name) for t, e in self.graphs.items()}
         sessions = {}
         for tower, entry in self.graphs.items():
-            path = manifest["_dir"] / entry["file"]
+            path = manifest.folder / entry.file
             if self._device_id is None:
                 sessions[tower] = ort_session(path, cfg.threads)
             else:

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 from engines.base import RunnerConfig, as_numpy, image_encoding_of, text_ids_from
-from engines.manifest import TOWER_NAMES, read_manifest
-from export.manifest import MANIFEST_NAME
+from export.manifest import MANIFEST_NAME, TOWER_NAMES, ExportManifest
 from export.profiles import profiles_for
-from export.specs import ID_DTYPES, PRECISIONS, TensorSpec, TowerSpec
+from export.specs import ID_DTYPES, PRECISIONS, TowerSpec
 from export.trt import (
     device_facts,
     load_or_build_engine,
@@ -48,42 +47,6 @@ TRT_DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "u
                    "int32": "INT32", "int64": "INT64"}
 
 
-@dataclass(frozen=True)
-class ExportManifest:
-    """The parts of an export folder's manifest.json that the TensorRT runner uses."""
-
-    folder: Path
-    model: str
-    truncation: str
-    embed_dim: int
-    image_size: int
-    context_length: int
-    precision: str
-    specs: dict[str, TowerSpec]  # "image" | "text" -> its spec
-    files: dict[str, Path]  # tower -> its ONNX graph
-    sha256: dict[str, str]  # tower -> the graph's sha256
-    opt_batch: int
-    max_batch: int
-
-
-def _field(obj, key: str, kind: type, where: str, problems: list):
-    value = obj.get(key) if isinstance(obj, dict) else None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        problems.append(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
-        return None
-    return value
-
-
-def _tensor_specs(entries, where: str, problems: list) -> tuple[TensorSpec, ...]:
-    if not isinstance(entries, list) or len(entries) != 1:
-        problems.append(f"{where}: expected a list of one tensor, got {entries!r}")
-        return ()
-    name = _field(entries[0], "name", str, f"{where}[0]", problems)
-    dtype = _field(entries[0], "dtype", str, f"{where}[0]", problems)
-    shape = _field(entries[0], "shape", list, f"{where}[0]", problems)
-    return (TensorSpec(name, dtype, tuple(shape)),) if None not in (name, dtype, shape) else ()
-
-
 def _check_tower(tower: str, spec: TowerSpec, image_size: int, problems: list) -> None:
     """The runner's expectations of each graph's one input."""
     t, s, b = spec.input, image_size, spec.batch_axis
@@ -97,35 +60,41 @@ def _check_tower(tower: str, spec: TowerSpec, image_size: int, problems: list) -
                         f"got {t.dtype} {list(t.shape)}")
 
 
-def export_manifest(folder: str | Path) -> ExportManifest:
-    """Read an export folder's manifest (engines.manifest checks its structure and the graphs'
-    sha256) and what the TensorRT runner needs on top; every problem in one DataError."""
-    m = read_manifest(folder)
-    folder = m["_dir"]
+def trt_problems(m: ExportManifest) -> list[str]:
+    """What the TensorRT runner needs of a manifest beyond what every reader does: a precision it
+    builds, an opt batch, and one input and one output per tower, of the shapes it feeds."""
     problems: list[str] = []
-    model = m["model"]
-    precision = _field(m, "precision", str, "manifest", problems)
-    if precision is not None and precision not in PRECISIONS:
-        problems.append(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    opt_batch = _field(m["profile"], "opt_batch", int, "profile", problems)
-    if opt_batch is not None and not 1 <= opt_batch <= m["profile"]["max_batch"]:
-        problems.append(f"profile.opt_batch: expected 1..max_batch ({m['profile']['max_batch']}), got {opt_batch}")
-    specs = {}
+    if m.precision is None:
+        problems.append("manifest.precision: expected str, got None")
+    elif m.precision not in PRECISIONS:
+        problems.append(f"precision: expected one of {', '.join(PRECISIONS)}, got {m.precision!r}")
+    opt_batch, max_batch = m.profile.opt_batch, m.profile.max_batch
+    if opt_batch is None:
+        problems.append("profile.opt_batch: expected int, got None")
+    elif not 1 <= opt_batch <= max_batch:
+        problems.append(f"profile.opt_batch: expected 1..max_batch ({max_batch}), got {opt_batch}")
     for tower in TOWER_NAMES:
-        entry, where = m["towers"][tower], f"towers.{tower}"
-        batch_axis = _field(entry, "batch_axis", str, where, problems)
-        inputs = _tensor_specs(entry["inputs"], f"{where}.inputs", problems)
-        outputs = _tensor_specs(entry["outputs"], f"{where}.outputs", problems)
-        if batch_axis is None or not inputs or not outputs:
-            continue
-        spec = TowerSpec(tower, inputs, outputs, batch_axis,
-                         max_length=model["context_length"] if tower == "text" else None)
-        _check_tower(tower, spec, model["image_size"], problems)
-        specs[tower] = spec
-    raise_collected(problems, f"{folder / MANIFEST_NAME}: not usable by the trt engine; re-export", error=DataError)
-    return ExportManifest(folder, model["name"], model["truncation"], model["embed_dim"], model["image_size"], model["context_length"],
-                          precision, specs, {t: folder / m["towers"][t]["file"] for t in TOWER_NAMES},
-                          {t: m["towers"][t]["sha256"] for t in TOWER_NAMES}, opt_batch, m["profile"]["max_batch"])
+        entry, where, usable = m.towers[tower], f"towers.{tower}", True
+        if entry.batch_axis is None:
+            problems.append(f"{where}.batch_axis: expected str, got None")
+            usable = False
+        for name, tensors in (("inputs", entry.inputs), ("outputs", entry.outputs)):
+            if len(tensors) != 1:
+                got = [t.as_dict() for t in tensors]
+                problems.append(f"{where}.{name}: expected a list of one tensor, got {got!r}")
+                usable = False
+        if usable:
+            _check_tower(tower, m.spec(tower), m.model.image_size, problems)
+    return problems
+
+
+def trt_manifest(folder: str | Path) -> ExportManifest:
+    """An export folder's manifest (structure and the graphs' sha256 checked), and what the
+    TensorRT runner needs on top (`trt_problems`); every problem in one DataError."""
+    m = ExportManifest.read(folder)
+    raise_collected(trt_problems(m), f"{m.folder / MANIFEST_NAME}: not usable by the trt engine; re-export",
+                    error=DataError)
+    return m
 
 
 def image_input(pixels, encoding: str, image_size: int, device) -> torch.Tensor:
@@ -183,19 +152,21 @@ class TrtRunner:
         if cfg.engine_dir is None:
             raise ConfigError("the trt engine needs an export folder written by `fklip export`; none was given")
         self.cfg = cfg
-        self.manifest = export_manifest(cfg.engine_dir)
-        self.model = self.model_name = self.manifest.model
-        self.truncation = cfg.truncation or self.manifest.truncation
-        self.embed_dim = self.manifest.embed_dim
-        self.image_size = self.manifest.image_size
-        self.context_length = self.manifest.context_length
+        self.manifest = trt_manifest(cfg.engine_dir)
+        model = self.manifest.model
+        self.model = self.model_name = model.name
+        self.truncation = cfg.truncation or model.truncation
+        self.embed_dim = model.embed_dim
+        self.image_size = model.image_size
+        self.context_length = model.context_length
         self.precision = self.manifest.precision
-        self.max_batch = self.manifest.max_batch
-        self.image_encoding = ("uint8_hwc" if self.manifest.specs["image"].input.dtype == "uint8"
-                               else "float32_chw")
+        self.max_batch = self.manifest.profile.max_batch
+        self.specs = {tower: self.manifest.spec(tower) for tower in TOWER_NAMES}
+        self.image_encoding = "uint8_hwc" if self.specs["image"].input.dtype == "uint8" else "float32_chw"
         self.device = cfg.device if str(cfg.device).startswith("cuda") else "cuda"
         self.engine_keys: dict[str, str] = {}  # tower -> the engine key used
         self.built: dict[str, bool] = {}  # tower -> whether this entry built its engine
+        self.plans: dict[str, Path] = {}  # tower -> the engine file loaded
         self._towers: dict[str, _TowerEngine] = {}
         self._runtime = self._stream = self._trt_log = None
         self._device: torch.device | None = None
@@ -210,7 +181,7 @@ class TrtRunner:
                 self._trt_log = trt_logger(trt)  # the builder's too: TensorRT keeps one per process
                 self._runtime = trt.Runtime(self._trt_log)
                 self._stream = torch.cuda.Stream(self._device)
-                for tower, spec in self.manifest.specs.items():
+                for tower, spec in self.specs.items():
                     self._towers[tower] = self._load(trt, tower, spec, facts)
         except BaseException:
             self.__exit__(None, None, None)
@@ -219,11 +190,11 @@ class TrtRunner:
 
     def _load(self, trt, tower: str, spec: TowerSpec, facts: dict) -> _TowerEngine:
         m = self.manifest
-        onnx, digest = m.files[tower], m.sha256[tower]  # the file's hash was checked on reading
-        profiles = profiles_for(spec, m.opt_batch, m.max_batch)
+        onnx, digest = m.graph_path(tower), m.towers[tower].sha256  # the file's hash was checked on reading
+        profiles = profiles_for(spec, m.profile.opt_batch, m.profile.max_batch)
         plan, key, built = load_or_build_engine(m.folder, tower, onnx, digest, m.precision, profiles,
                                                 facts, log=logger)
-        self.engine_keys[tower], self.built[tower] = key, built
+        self.engine_keys[tower], self.built[tower], self.plans[tower] = key, built, plan
         engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
             raise FklipError(f"{plan}: TensorRT could not load this engine (errors logged above); "

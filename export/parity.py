@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from export.manifest import ParityFigures, ParityReport
 from export.specs import Tolerance, TowerSpec, random_inputs
 from fklip.data.archive import model_input_from_batch
 
@@ -86,11 +87,11 @@ def tower_inputs(spec: TowerSpec, real: np.ndarray | None, seed: int = 0):
 
 
 def check_tower(run: Callable[[np.ndarray], np.ndarray], model, spec: TowerSpec,
-                real: np.ndarray | None, tol: Tolerance) -> tuple[dict, list[str]]:
+                real: np.ndarray | None, tol: Tolerance) -> tuple[ParityReport, list[str]]:
     """Run `run` (one graph or engine) and the PyTorch model on the same inputs.
 
-    Returns the report ({"random": stats, "real": stats, "tolerance", "passed"}) and the list of
-    problems (empty when within tolerance).
+    Returns the report (the figures of the random and real inputs, the tolerance, passed) and the
+    list of problems (empty when within tolerance).
     """
     stats = {"random": ParityStats(), "real": ParityStats()}
     for kind, x in tower_inputs(spec, real):
@@ -101,6 +102,5 @@ def check_tower(run: Callable[[np.ndarray], np.ndarray], model, spec: TowerSpec,
             ref = reference_texts(model, x, spec.max_length)
         stats[kind].add(np.asarray(run(x), np.float32), ref)
     problems = [f"{kind} inputs: {p}" for kind, s in stats.items() if s.samples for p in s.failures(tol)]
-    report = {kind: s.as_dict() for kind, s in stats.items() if s.samples}
-    report.update(tolerance=tol.as_dict(), passed=not problems)
-    return report, problems
+    figures = {kind: ParityFigures(**s.as_dict()) for kind, s in stats.items() if s.samples}
+    return ParityReport(**figures, tolerance=tol, passed=not problems), problems

@@ -3,20 +3,37 @@ against the PyTorch model, described by `manifest.json`.
 
 Everything is written into a hidden folder beside `--out` and renamed into place only when
 every check passed, so a failed export leaves nothing behind (and an earlier export intact);
-`--out` is claimed for the run, so two exports into it cannot mix.
+`--out` is claimed for the run, so two exports into it cannot mix. The TensorRT engines are
+built in that folder too, by a step the caller passes in (engines.trt_build.build_trt_engines):
+checking an engine needs a runner, and export/ imports nothing from engines/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from export.manifest import MANIFEST_NAME, build_manifest, file_entry, sha256_of
+from export.manifest import (
+    MANIFEST_NAME,
+    ExportManifest,
+    Int8Entry,
+    ModelInfo,
+    Profile,
+    Source,
+    TowerEntry,
+    TrtBlock,
+    build_manifest,
+    file_entry,
+    sha256_of,
+)
 from export.onnx_export import ExportError, onnx_from_tower, ort_session, require_onnx
 from export.parity import check_tower
 from export.specs import TOLERANCES, TowerSpec, image_tower_spec, text_tower_spec
@@ -27,11 +44,34 @@ from fklip.io import staged_folder
 logger = logging.getLogger(__name__)
 
 
-def run_export(cfg: ExportConfig) -> dict:
-    """Export, check and describe; returns the manifest written to `cfg.out / manifest.json`."""
-    from fklip.io import write_json
+@dataclass(frozen=True)
+class StagedExport:
+    """An export checked and described in its staging folder, before it is moved into place:
+    what the `build_engines` step of `run_export` builds on."""
+
+    folder: Path  # the staging folder; its manifest.json is `manifest`
+    manifest: ExportManifest
+    model: torch.nn.Module  # the fp32 PyTorch model the graphs came from (the parity reference)
+    real: dict[str, np.ndarray | None]  # tower -> the real parity inputs, in the graph's input encoding
+    device: dict  # export.trt.device_facts() of the --trt check made before any slow work
+
+
+# Builds the TensorRT engines of a staged export, each checked against `model`; returns the
+# manifest's "trt" block, or raises (nothing is left behind).
+EngineBuilder = Callable[[StagedExport], TrtBlock]
+
+
+def run_export(cfg: ExportConfig, build_engines: EngineBuilder | None = None) -> ExportManifest:
+    """Export, check and describe; returns the manifest written to `cfg.out / manifest.json`.
+
+    With `cfg.trt`, `build_engines` (engines.trt_build.build_trt_engines, as `fklip export --trt`
+    passes it) builds the engines in the staging folder once the manifest of the graphs is
+    written there, and the block it returns joins the manifest.
+    """
     from fklip.model import load_checkpoint
 
+    if cfg.trt and build_engines is None:
+        raise ValueError("run_export: cfg.trt needs build_engines (engines.trt_build.build_trt_engines)")
     require_onnx()
     for flag, path in (("--parity-images", cfg.parity_images), ("--parity-texts", cfg.parity_texts)):
         if path is not None and not path.is_file():
@@ -50,25 +90,21 @@ def run_export(cfg: ExportConfig) -> dict:
         real = _real_inputs(cfg, ckpt, specs)
         towers = _export_towers(ckpt.model, specs, real, cfg.precision, cfg.uint8_input, tmp)
         int8 = _export_int8(ckpt.model, specs, real, tmp) if cfg.int8 else None
-        source = {"checkpoint": str(cfg.checkpoint.resolve()), "sha256": sha256_of(cfg.checkpoint),
-                  "format": ckpt.source_format, "epoch": ckpt.epoch}
-        manifest = _manifest(cfg, spec, source, towers, int8, trt=None)
-        write_json(tmp / MANIFEST_NAME, manifest)
-        if cfg.trt:  # the trt runner reads the manifest above; the engines join it after
-            trt = {"device": trt_facts, **_build_engines(ckpt.model, specs, real, tmp, cfg.precision)}
-            manifest = _manifest(cfg, spec, source, towers, int8, trt)
-            write_json(tmp / MANIFEST_NAME, manifest)
+        source = Source(checkpoint=str(cfg.checkpoint.resolve()), sha256=sha256_of(cfg.checkpoint),
+                        format=ckpt.source_format, epoch=ckpt.epoch)
+        manifest = build_manifest(
+            model=ModelInfo(name=spec.name, embed_dim=spec.embed_dim, image_size=spec.image_size,
+                            context_length=spec.context_length, truncation=spec.truncation,
+                            activation=spec.activation),
+            precision=cfg.precision, uint8_input=cfg.uint8_input, opset=towers["image"].opset,
+            profile=Profile(opt_batch=cfg.opt_batch, max_batch=cfg.max_batch),
+            source=source, towers=towers, int8=int8)
+        manifest.write(tmp)
+        if cfg.trt:  # built from the manifest above, as `fklip eval --engine trt` would; the engines join it after
+            trt = build_engines(StagedExport(tmp, manifest, ckpt.model, real, trt_facts))
+            manifest = dataclasses.replace(manifest, trt=trt)
+            manifest.write(tmp)
     return manifest
-
-
-def _manifest(cfg: ExportConfig, spec, source: dict, towers: dict, int8: dict | None, trt: dict | None) -> dict:
-    return build_manifest(
-        model={"name": spec.name, "embed_dim": spec.embed_dim, "image_size": spec.image_size,
-               "context_length": spec.context_length, "truncation": spec.truncation,
-               "activation": spec.activation},
-        precision=cfg.precision, uint8_input=cfg.uint8_input, opset=towers["image"]["opset"],
-        profile={"opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch},
-        source=source, towers=towers, int8=int8, trt=trt)
 
 
 def _check_out(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
@@ -148,7 +184,7 @@ def _graph_runner(path: Path, spec: TowerSpec) -> tuple[Callable[[np.ndarray], n
     return (lambda x: session.run(None, {name: x})[0]), "onnxruntime CPUExecutionProvider"
 
 
-def _export_towers(model, specs, real, precision: str, uint8_input: bool, folder: Path) -> dict:
+def _export_towers(model, specs, real, precision: str, uint8_input: bool, folder: Path) -> dict[str, TowerEntry]:
     from export.towers import build_towers
 
     towers = build_towers(model, precision, uint8_input)
@@ -159,17 +195,17 @@ def _export_towers(model, specs, real, precision: str, uint8_input: bool, folder
         run, validator = _graph_runner(path, spec)
         started = time.perf_counter()
         report, failed = check_tower(run, model, spec, real[name], TOLERANCES[precision])
-        report.update(validator=validator, check_s=round(time.perf_counter() - started, 3))
+        report = dataclasses.replace(report, validator=validator, check_s=round(time.perf_counter() - started, 3))
         problems += [f"{name} tower: {p}" for p in failed]
-        entries[name] = {**file_entry(path), **spec.as_dict(), **info, "precision": precision,
-                         "parity": report}
-        logger.info("%s tower parity (%s): %s", name, validator, report)
+        entries[name] = TowerEntry(**file_entry(path), inputs=spec.inputs, outputs=spec.outputs,
+                                   batch_axis=spec.batch_axis, **info, precision=precision, parity=report)
+        logger.info("%s tower parity (%s): %s", name, validator, report.as_dict())
     raise_collected(problems, f"export at {precision} is outside its tolerance "
                     f"({TOLERANCES[precision].as_dict()}); nothing was written", ExportError)
     return entries
 
 
-def _export_int8(model, specs, real, folder: Path) -> dict:
+def _export_int8(model, specs, real, folder: Path) -> dict[str, Int8Entry]:
     from export.quantize import TOWER_RECIPES, int8_cpu_from_onnx
 
     entries, problems = {}, []
@@ -178,28 +214,9 @@ def _export_int8(model, specs, real, folder: Path) -> dict:
         info = int8_cpu_from_onnx(src, dst, TOWER_RECIPES[name])
         run, validator = _graph_runner(dst, spec)
         report, failed = check_tower(run, model, spec, real[name], TOLERANCES["int8"])
-        report["validator"] = validator
+        report = dataclasses.replace(report, validator=validator)
         problems += [f"{name} tower: {p}" for p in failed]
-        entries[name] = {**file_entry(dst), **info, "parity": report}
+        entries[name] = Int8Entry(**file_entry(dst), **info, parity=report)
     raise_collected(problems, "--int8: quantised graphs are outside tolerance; nothing was written",
                     ExportError)
-    return entries
-
-
-def _build_engines(model, specs, real, folder: Path, precision: str) -> dict:
-    """TensorRT engines from the checked graphs (built by the trt runner from the manifest in
-    `folder`, as `fklip eval --engine trt` would), each checked against PyTorch after the build."""
-    from engines.base import RunnerConfig
-    from engines.trt_runner import TrtRunner
-
-    entries, problems = {}, []
-    with TrtRunner(RunnerConfig(backend="trt", engine_dir=folder)) as runner:
-        runs = {"image": runner.encode_images, "text": runner.encode_texts}
-        for name, spec in specs.items():
-            report, failed = check_tower(runs[name], model, spec, real[name], TOLERANCES[precision])
-            problems += [f"{name} engine: {p}" for p in failed]
-            plan = runner._towers[name].plan
-            entries[name] = {"file": str(plan.relative_to(folder)), "key": runner.engine_keys[name],
-                             "sha256": sha256_of(plan), "parity": report}
-    raise_collected(problems, "--trt: engines are outside tolerance; nothing was written", ExportError)
     return entries

@@ -46,6 +46,7 @@ def export(checkpoint, out, onnx_, trt, precision, opt_batch, max_batch, int8, u
     A failed check leaves nothing behind; manifest.json records files, hashes, IO, the tolerances
     met and the figures measured.
     """
+    from engines.trt_build import build_trt_engines
     from export.pipeline import run_export
     from fklip.config import ExportConfig
 
@@ -54,14 +55,15 @@ def export(checkpoint, out, onnx_, trt, precision, opt_batch, max_batch, int8, u
                        max_batch=max_batch, int8=int8, uint8_input=uint8_input, ids_dtype=ids_dtype,
                        parity_images=parity_images, parity_texts=parity_texts,
                        parity_samples=parity_samples, overwrite=overwrite)
-    manifest = run_export(cfg)
-    sections = [("onnx", manifest["towers"])] + [(k, manifest[k]) for k in ("int8", "trt") if manifest[k]]
+    # --trt: the engines are built and checked by engines/ (a runner's job) in export's staging folder
+    manifest = run_export(cfg, build_trt_engines if trt else None)
+    sections = [("onnx", manifest.towers), ("int8", manifest.int8),
+                ("trt", manifest.trt.engines() if manifest.trt else None)]
     for kind, entries in sections:
-        for tower in ("image", "text"):
-            p = entries[tower]["parity"]
-            checks = ", ".join(f"{k} min cos {v['min_cosine']:.6f} max abs {v['max_abs']:.2g} ({v['samples']})"
-                               for k, v in p.items() if k in ("random", "real"))
-            click.echo(f"{kind:<4} {tower:<5} {entries[tower]['file']}: {checks}")
+        for tower, entry in (entries or {}).items():
+            checks = ", ".join(f"{k} min cos {v.min_cosine:.6f} max abs {v.max_abs:.2g} ({v.samples})"
+                               for k, v in entry.parity.figures().items())
+            click.echo(f"{kind:<4} {tower:<5} {entry.file}: {checks}")
     click.echo(f"wrote {out} ({precision}); manifest {out / 'manifest.json'}")
 
 

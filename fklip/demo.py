@@ -145,7 +145,7 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
     export_dir = cfg.out / "export"
     manifest = export_fn(ExportConfig(checkpoint=trained, out=export_dir, parity_images=paths.val_images,
                                       parity_texts=paths.val_queries, overwrite=True))
-    cosines = min(manifest["towers"][k]["parity"]["real"]["min_cosine"] for k in ("image", "text"))
+    cosines = min(entry.parity.real.min_cosine for entry in manifest.towers.values())
     rows.append(Row("export", f"`fklip export` to ONNX: image.onnx, text.onnx, manifest.json; min cosine "
                     f"to PyTorch on val data {cosines:.6f}; {export_dir}", time.perf_counter() - t))
 

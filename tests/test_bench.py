@@ -165,7 +165,7 @@ def test_int8_outside_its_tolerance_is_measured_without_it(monkeypatch, tmp_path
 
     calls = []
 
-    def fake_export(cfg):
+    def fake_export(cfg, build_engines=None):
         calls.append((cfg.precision, cfg.int8, cfg.overwrite, cfg.trt, cfg.max_batch))
         if cfg.int8:
             raise ExportError("--int8: quantised graphs are outside tolerance; nothing was written")

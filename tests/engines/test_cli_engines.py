@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from export.manifest import ExportManifest
 from fklip.cli import cli
 
 
@@ -65,16 +66,16 @@ def test_extract_through_onnx_and_int8(small_demo, tiny_checkpoint, export_dir, 
                         "--text-feat-output-path", tmp_path / f"{name}.txt.jsonl", *engine)
         assert result.exit_code == 0, result.output
         feats[name] = {k: read_features(tmp_path / f"{name}.{k}.jsonl") for k in ("img", "txt")}
-    manifest = json.loads((export_dir / "manifest.json").read_text())
+    manifest = ExportManifest.read(export_dir)
     for kind in ("img", "txt"):
         ref = feats["torch"][kind]
         for name, section in (("onnx", "towers"), ("int8", "int8")):
             got = feats[name][kind]
             assert got.ids == ref.ids
             cos = (got.matrix * ref.matrix).sum(axis=1)
-            tol = manifest[section]["image" if kind == "img" else "text"]["parity"]["tolerance"]
-            assert cos.min() >= tol["min_cosine"]
-            assert np.abs(got.matrix - ref.matrix).max() <= tol["max_abs"]
+            tol = getattr(manifest, section)["image" if kind == "img" else "text"].parity.tolerance
+            assert cos.min() >= tol.min_cosine
+            assert np.abs(got.matrix - ref.matrix).max() <= tol.max_abs
         assert np.abs(feats["onnx"][kind].matrix - ref.matrix).max() < 1e-5
 
 

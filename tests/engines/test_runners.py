@@ -96,8 +96,11 @@ def assert_within(got: np.ndarray, ref: np.ndarray, tol: dict) -> None:
 
 
 def _tolerance(export, tower: str, section: str = "towers") -> dict:
-    manifest = json.loads((export / "manifest.json").read_text())
-    return manifest[section][tower]["parity"]["tolerance"]
+    from export.manifest import ExportManifest
+
+    manifest = ExportManifest.read(export, verify=False)
+    entries = manifest.towers if section == "towers" else manifest.int8
+    return entries[tower].parity.tolerance.as_dict()
 
 
 # ---- fixtures: one checkpoint, two exports, two archives, references from fklip.encode
@@ -508,39 +511,39 @@ def export_copy(tiny_exports, tmp_path):
 
 
 def test_tampered_graph(export_copy):
-    from engines.manifest import read_manifest
+    from export.manifest import ExportManifest
 
     with open(export_copy / "image.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(DataError, match=r"image\.onnx was modified after export"):
-        read_manifest(export_copy)
+        ExportManifest.read(export_copy)
     with pytest.raises(DataError, match="modified after export"):
         build_runner(RunnerConfig("onnx", engine_dir=export_copy)).__enter__()
-    read_manifest(export_copy, int8=True)  # the int8 pair is untouched
+    ExportManifest.read(export_copy, int8=True)  # the int8 pair is untouched
 
 
 def test_manifest_errors(export_copy, tmp_path):
-    from engines.manifest import read_manifest
+    from export.manifest import ExportManifest
 
     manifest_path = export_copy / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     with pytest.raises(ConfigError, match="no such export folder"):
-        read_manifest(tmp_path / "absent")
+        ExportManifest.read(tmp_path / "absent")
     (export_copy / "text.int8.onnx").unlink()
     with pytest.raises(DataError, match=r"text\.int8\.onnx \(text tower\) is listed in manifest.json but missing"):
-        read_manifest(export_copy, int8=True)
+        ExportManifest.read(export_copy, int8=True)
     for change, message in (({"format": "something-else"}, "not an fklip export manifest"),
                             ({"version": 99}, "version 99 is not supported"),
                             ({"model": {"name": "x"}}, r"model\.embed_dim")):
         manifest_path.write_text(json.dumps({**manifest, **change}))
         with pytest.raises(DataError, match=message):
-            read_manifest(export_copy)
+            ExportManifest.read(export_copy)
     manifest_path.write_text(json.dumps({**manifest, "model": {**manifest["model"], "activation": "relu"}}))
     with pytest.raises(DataError, match=r'"model\.activation" should be one of gelu, quick_gelu'):
-        read_manifest(export_copy)
+        ExportManifest.read(export_copy)
     manifest_path.unlink()
     with pytest.raises(DataError, match=r"manifest\.json: missing, so .* is not an fklip export folder \(it holds .*image\.onnx"):
-        read_manifest(export_copy)
+        ExportManifest.read(export_copy)
 
 
 def test_exports_without_the_activation_still_run(export_copy, tiny_exports):

@@ -68,8 +68,9 @@ def test_manifest_records_files_and_measurements(tiny_export, tiny_checkpoint, s
         real = {"image": min(20, len(archive)), "text": min(20, len(read_text_queries(small_demo.val_queries)))}
 
     out, manifest = tiny_export
-    on_disk = json.loads((out / "manifest.json").read_text())
-    assert on_disk == json.loads(json.dumps(manifest))
+    text = (out / "manifest.json").read_text()
+    on_disk = json.loads(text)
+    assert text == manifest.to_json() and on_disk == manifest.as_dict()
     assert on_disk["format"] == "fklip-export" and on_disk["precision"] == "fp32"
     assert on_disk["model"] == {"name": "fklip-tiny", "embed_dim": 64, "image_size": 64,
                                 "context_length": 77, "truncation": "original", "activation": "quick_gelu"}
@@ -154,7 +155,7 @@ def test_reduced_precision_keeps_layernorm_and_softmax_fp32(tiny_checkpoint, tmp
     out = tmp_path / precision
     manifest = _export(tiny_checkpoint, out, precision=precision)
     for tower in ("image", "text"):
-        assert manifest["towers"][tower]["parity"]["passed"]
+        assert manifest.towers[tower].parity.passed
         model = onnx.shape_inference.infer_shapes(onnx.load(str(out / f"{tower}.onnx")))
         types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
         types.update({i.name: i.data_type for i in model.graph.initializer})
@@ -182,8 +183,8 @@ def test_fp16_export_survives_activations_that_overflow_fp16_layernorm(tiny_mode
     save_checkpoint(ckpt, model, tiny_spec)
     manifest = _export(ckpt, tmp_path / "out", precision="fp16")
     for tower in ("image", "text"):
-        assert manifest["towers"][tower]["parity"]["random"]["non_finite"] == 0
-        assert manifest["towers"][tower]["parity"]["passed"]
+        assert manifest.towers[tower].parity.random.non_finite == 0
+        assert manifest.towers[tower].parity.passed
 
 
 def test_uint8_input_and_int64_ids(tiny_checkpoint, tiny_model, small_demo, tmp_path):
@@ -270,10 +271,10 @@ def test_earlier_export_kept_unless_forced(tiny_checkpoint, tmp_path, monkeypatc
     monkeypatch.setitem(specs.TOLERANCES, "fp32", specs.Tolerance(min_cosine=1.5, max_abs=0.0))
     with pytest.raises(ExportError):
         _export(tiny_checkpoint, out, overwrite=True)
-    assert json.loads((out / "manifest.json").read_text())["created"] == first["created"]
+    assert json.loads((out / "manifest.json").read_text())["created"] == first.created
     monkeypatch.undo()
     second = _export(tiny_checkpoint, out, overwrite=True, precision="fp16")
-    assert second["precision"] == "fp16" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert second.precision == "fp16" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
@@ -323,7 +324,7 @@ def test_vit_b_32_export_parity(tmp_path):
     save_checkpoint(ckpt, build_model(spec), spec)
     manifest = _export(ckpt, tmp_path / "b32")
     for tower in ("image", "text"):
-        parity = manifest["towers"][tower]["parity"]
-        assert parity["passed"] and parity["random"]["min_cosine"] > 0.99999
+        parity = manifest.towers[tower].parity
+        assert parity.passed and parity.random.min_cosine > 0.99999
     image = onnx.load(str(tmp_path / "b32" / "image.onnx"), load_external_data=False)
     assert [n.op_type for n in image.graph.node].count("LayerNormalization") == 2 * 12 + 2

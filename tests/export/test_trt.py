@@ -21,9 +21,9 @@ from engines.trt_runner import (
     TRT_DTYPE_NAMES,
     TrtRunner,
     batch_slices,
-    export_manifest,
     image_input,
     text_input,
+    trt_manifest,
 )
 from export import trt as export_trt
 from export.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
@@ -438,8 +438,10 @@ def test_runner_reads_the_manifest_and_needs_tensorrt_to_enter(tmp_path, monkeyp
     assert (runner.backend, runner.embed_dim, runner.image_size, runner.context_length) == ("trt", D, S, CONTEXT)
     assert runner.image_encoding == "uint8_hwc" and runner.max_batch == 3 and runner.device == "cuda"
     m = runner.manifest
-    assert m.files == {"image": folder / "image.onnx", "text": folder / "text.onnx"}
-    assert m.specs["text"].max_length == CONTEXT and m.specs["text"].input.dtype == "int64"
+    assert m.folder == folder and m.graph_path("image") == folder / "image.onnx"
+    assert m.graph_path("text") == folder / "text.onnx"
+    assert runner.specs["text"].max_length == CONTEXT and runner.specs["text"].input.dtype == "int64"
+    assert runner.specs["image"].max_length is None and runner.plans == {}
     with pytest.raises(FklipError, match="inside a `with` block"):
         runner.encode_texts(np.zeros((1, 4), np.int64))
     monkeypatch.setitem(sys.modules, "tensorrt", None)
@@ -458,14 +460,14 @@ def test_manifest_problems_are_collected(tmp_path):
     manifest["towers"]["text"]["inputs"][0]["dtype"] = "float32"
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="4 problems") as e:
-        export_manifest(folder)
+        trt_manifest(folder)
     for part in ("precision: expected one of", "profile.opt_batch: expected 1..max_batch (3), got 4",
                  "towers.image.inputs[0]: expected float32", "towers.text.inputs[0]: expected int32 or int64"):
         assert part in str(e.value)
     del manifest["towers"]["text"]["batch_axis"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="towers.text.batch_axis: expected str, got None"):
-        export_manifest(folder)
+        trt_manifest(folder)
     (folder / "text.onnx").write_bytes(b"changed")
     with pytest.raises(DataError, match="modified after export"):  # the graphs' hashes are checked
         TrtRunner(RunnerConfig("trt", engine_dir=folder))
@@ -511,6 +513,112 @@ def test_batch_slices_and_dtype_tables():
     assert batch_slices(6, 3) == [slice(0, 3), slice(3, 6)] and batch_slices(0, 3) == []
     for dtype in ("float32", "uint8", "int32", "int64", "float16", "bfloat16"):
         assert TORCH_DTYPES[TRT_DTYPE_NAMES[dtype]] == getattr(torch, dtype)
+
+
+# ---- The --trt step of `fklip export` without TensorRT: engines.trt_build with a stand-in runner
+
+class OnnxAsTrt:
+    """The part of TrtRunner that engines.trt_build uses, running the export's ONNX graphs with
+    onnxruntime (image embeddings shifted by `image_shift`) and writing a stand-in plan per tower
+    where TrtRunner would build one."""
+
+    def __init__(self, cfg, image_shift: float = 0.0):
+        from engines.onnx_runner import OnnxRunner
+
+        self.folder, self.image_shift = cfg.engine_dir, image_shift
+        self.inner = OnnxRunner(RunnerConfig("onnx", engine_dir=cfg.engine_dir))
+        self.engine_keys, self.plans = {}, {}
+
+    def __enter__(self):
+        self.inner.__enter__()
+        for tower in ("image", "text"):
+            plan = self.folder / "engines" / "stand-in" / f"{tower}.plan"
+            plan.parent.mkdir(parents=True, exist_ok=True)
+            plan.write_bytes(f"plan of {tower}".encode())
+            self.engine_keys[tower], self.plans[tower] = "stand-in", plan
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.__exit__(*exc)
+
+    def encode_images(self, pixels):
+        return self.inner.encode_images(pixels) + self.image_shift
+
+    def encode_texts(self, ids):
+        return self.inner.encode_texts(ids)
+
+
+class OracleModel:
+    """The PyTorch model of write_tiny_export's graphs, for export.parity's references."""
+
+    def __init__(self, image_oracle, text_oracle):
+        self.image_oracle, self.text_oracle = image_oracle, text_oracle
+
+    def encode_image(self, x):
+        return torch.from_numpy(self.image_oracle(x.numpy()))
+
+    def encode_text(self, ids):
+        return torch.from_numpy(self.text_oracle(ids.numpy()))
+
+
+def test_build_trt_engines_checks_each_engine_against_pytorch(tmp_path, monkeypatch):
+    from engines import trt_build
+    from export.manifest import ExportManifest
+    from export.onnx_export import ExportError
+    from export.pipeline import StagedExport
+
+    folder, image_oracle, text_oracle = write_tiny_export(tmp_path)
+    staged = StagedExport(folder, ExportManifest.read(folder), OracleModel(image_oracle, text_oracle),
+                          {"image": None, "text": None}, dict(FACTS))
+    monkeypatch.setattr(trt_build, "TrtRunner", OnnxAsTrt)
+    block = trt_build.build_trt_engines(staged)
+    assert block.device == FACTS and list(block.as_dict()) == ["device", "image", "text"]
+    for tower, entry in block.engines().items():
+        assert list(entry.as_dict()) == ["file", "key", "sha256", "parity"]
+        assert entry.file == f"engines/stand-in/{tower}.plan" and entry.key == "stand-in"
+        assert entry.sha256 == hashlib.sha256((folder / entry.file).read_bytes()).hexdigest()
+        assert entry.parity.passed and entry.parity.random.samples > 0 and entry.parity.real is None
+        assert entry.parity.tolerance.min_cosine == 0.99999  # the export's precision, fp32
+
+    monkeypatch.setattr(trt_build, "TrtRunner", lambda cfg: OnnxAsTrt(cfg, image_shift=0.05))
+    with pytest.raises(ExportError, match=r"--trt: engines are outside tolerance; nothing was written: "
+                                          r"2 problems: image engine: random inputs: min cosine"):
+        trt_build.build_trt_engines(staged)
+
+
+def test_export_trt_runs_the_engines_step_in_the_staging_folder(tiny_checkpoint, tmp_path, monkeypatch):
+    """`fklip export --trt`: the CLI passes engines.trt_build's step to run_export, which runs it
+    before the swap: the engines and the "trt" block land in --out, or nothing changes."""
+    from click.testing import CliRunner
+
+    from engines import trt_build
+    from export import pipeline
+    from export.manifest import ExportManifest
+    from fklip.cli import cli
+
+    monkeypatch.setattr(pipeline, "_trt_preflight", lambda: dict(FACTS))
+    monkeypatch.setattr(trt_build, "TrtRunner", OnnxAsTrt)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["export", str(tiny_checkpoint), "--out", str(out), "--trt"])
+    assert r.exit_code == 0, r.output
+    assert "trt  image engines/stand-in/image.plan: random min cos" in r.output
+    m = ExportManifest.read(out)
+    assert m.trt.device == FACTS and m.trt.text.file == "engines/stand-in/text.plan"
+    assert (out / m.trt.text.file).read_bytes() == b"plan of text"
+    assert list(json.loads((out / "manifest.json").read_text())) == [
+        "format", "version", "created", "model", "precision", "uint8_input", "opset", "profile", "towers",
+        "int8", "trt", "source", "versions", "machine"]
+
+    before = (out / "manifest.json").read_bytes()
+    monkeypatch.setattr(trt_build, "TrtRunner", lambda cfg: OnnxAsTrt(cfg, image_shift=0.05))
+    r = CliRunner().invoke(cli, ["export", str(tiny_checkpoint), "--out", str(out), "--trt", "--overwrite",
+                                 "--precision", "fp16"])
+    assert r.exit_code == 2 and "--trt: engines are outside tolerance" in r.output
+    assert (out / "manifest.json").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(ValueError, match="cfg.trt needs build_engines"):
+        from fklip.config import ExportConfig
+
+        pipeline.run_export(ExportConfig(checkpoint=tiny_checkpoint, out=tmp_path / "other", trt=True))
 
 
 # ---- Needs TensorRT and a CUDA GPU -------------------------------------------------------------
