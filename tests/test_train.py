@@ -101,6 +101,25 @@ def test_every_switch_combination_runs(tmp_path, demo, flags):
         assert all(abs(w - 0.3) < 1e-6 for w in logged["train/concept_weight"])
 
 
+def test_original_indexing_runs_the_original_concept_loss(tmp_path, demo, monkeypatch):
+    """--original-indexing: the original's transposition and its signed prototype weights."""
+    import fklip.losses
+
+    built = []
+
+    class Spy(fklip.losses.ConceptLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append((self.transposed_indexing, self.clamp_negative))
+
+    monkeypatch.setattr(fklip.losses, "ConceptLoss", Spy)
+    flags = ["--is-concept", "--is-data-concept", "--no-use-kb-concepts"]
+    for name, extra in (("fklip", []), ("original", ["--original-indexing"])):
+        result = invoke(train_args(demo, tmp_path, name, *flags, *extra, epochs=1))
+        assert result.exit_code == 0, result.output
+    assert built == [(False, True), (True, False)]
+
+
 def test_resume_after_epoch_1_ends_with_the_same_weights(tmp_path, demo):
     flags = ["--is-concept", "--is-data-concept"]  # refresh once: the retrieval is restored from the checkpoint
     assert invoke(train_args(demo, tmp_path, "full", *flags, epochs=3)).exit_code == 0
