@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from fklip.cli import cli
-from tests.conftest import ROOT, free_port, write_lines
+from tests.conftest import HANG_S, ROOT, free_port, write_lines
 
 OUTPUTS = ["fashion_image_output.json", "fashion_text_output.json", "metrics.json",
            "test_imgs_predictions.jsonl", "test_txts_predictions.jsonl"]
@@ -147,7 +147,7 @@ def test_torchrun_two_processes_match_one(tmp_path, small_demo, tiny_checkpoint)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "fklip",
            *map(str, eval_args(small_demo, tiny_checkpoint, tmp_path / "two", *args))]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_outputs(tmp_path / "two") == read_outputs(tmp_path / "one")
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["environment"]["world_size"] == 2

@@ -18,6 +18,7 @@ from fklip.distributed import DistContext
 from fklip.errors import ConfigError
 from fklip.losses import (ConceptLoss, ContrastiveLoss, combine, concept_weight, gather_with_grad,
                           select_prototypes)
+from tests.conftest import HANG_S
 
 S, M, D, TOP = 5, 10, 8, 5
 
@@ -361,7 +362,7 @@ B = 3
 
 def _worker(rank: int, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=2, timeout=timedelta(seconds=60))
+                                         world_size=2, timeout=timedelta(seconds=HANG_S))
     try:
         ctx = DistContext(rank=rank, world_size=2, local_rank=rank)
         mine = slice(rank * B, (rank + 1) * B)
@@ -412,12 +413,12 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 
     out = tmp_path_factory.mktemp("gloo")
     procs = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=False)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + HANG_S
     while not procs.join(timeout=5):
         if time.monotonic() > deadline:
             for p in procs.processes:
                 p.kill()
-            pytest.fail("the 2-process gloo workers did not finish within 180 s")
+            pytest.fail(f"the 2-process gloo workers did not finish within {HANG_S} s")
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from fklip.cli import cli
-from tests.conftest import ROOT, free_port
+from tests.conftest import HANG_S, ROOT, free_port
 
 SCALARS = {"train/loss", "train/contrastive_loss", "train/concept_loss", "train/concept_weight", "train/lr",
            "train/scale", "train/samples_per_s", "val/loss", "val/t2i_r1", "val/t2i_r5", "val/t2i_r10",
@@ -202,7 +202,7 @@ def test_two_processes_follow_one_process_with_double_batch(tmp_path, demo):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "fklip", "--",  # `--`: torchrun would take --logs
            *map(str, train_args(demo, tmp_path, "two", *flags, batch=4))]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = scalars(tmp_path / "one"), scalars(tmp_path / "two")
     for tag in ("train/loss", "train/contrastive_loss", "train/concept_loss"):
