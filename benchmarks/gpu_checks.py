@@ -62,21 +62,21 @@ def check_topk(n: int, dim: int, k: int, device: str = "cuda") -> dict:
 FKLIP_TIMEOUT_S = 60  # one `fklip` subprocess at most (the demo data, one eval of 64 pairs)
 
 
-def _fklip(*args: str) -> subprocess.CompletedProcess:
-    """`python -m fklip ARGS`; one that runs past FKLIP_TIMEOUT_S comes back with rc 124."""
+def _fklip(*args: str, timeout_s: float = FKLIP_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`python -m fklip ARGS`; one that runs past `timeout_s` comes back with rc 124."""
     command = [sys.executable, "-m", "fklip", *args]
     try:
-        return subprocess.run(command, capture_output=True, text=True, check=False, timeout=FKLIP_TIMEOUT_S)
+        return subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(command, 124, "", f"stopped after {FKLIP_TIMEOUT_S} s")
+        return subprocess.CompletedProcess(command, 124, "", f"stopped after {timeout_s} s")
 
 
-def check_eval(folder: Path, size: int, device: str = "cuda") -> dict:
+def check_eval(folder: Path, size: int, device: str = "cuda", timeout_s: float = FKLIP_TIMEOUT_S) -> dict:
     """`fklip eval --device cuda` (torch engine, and --cuda-graphs) against `--device cpu` on the
     demo data with fklip-tiny: same predictions files, metrics within rounding."""
     data = folder / "data"
     r = _fklip("data", "demo", "--out", str(data), "--size", "64", "--val", str(size), "--train", "8",
-               "--kb", "8")
+               "--kb", "8", timeout_s=timeout_s)
     if r.returncode:
         return {"passed": False, "error": r.stderr[-500:]}
     val = data / "fashiongen" / "val"
@@ -97,7 +97,7 @@ def check_eval(folder: Path, size: int, device: str = "cuda") -> dict:
         runs += [("cuda", ["--device", "cpu"])]
     for name, extra in runs:
         started = time.perf_counter()
-        r = _fklip(*common, "--output-dir", str(folder / name), *extra)
+        r = _fklip(*common, "--output-dir", str(folder / name), *extra, timeout_s=timeout_s)
         results[name] = {"rc": r.returncode, "seconds": round(time.perf_counter() - started, 2)}
         if r.returncode:
             results[name]["error"] = r.stderr[-500:]
@@ -119,6 +119,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--eval-size", type=int, default=64)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (small --n)")
+    parser.add_argument("--fklip-timeout-s", type=float, default=FKLIP_TIMEOUT_S,
+                        help="each `fklip` subprocess's limit (a dry run on a loaded CPU needs more)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_checks: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -129,7 +131,7 @@ def main() -> int:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as tmp:
         checks = {"topk": lambda: check_topk(args.n, args.dim, args.k, args.device),
-                  "eval": lambda: check_eval(Path(tmp), args.eval_size, args.device)}
+                  "eval": lambda: check_eval(Path(tmp), args.eval_size, args.device, args.fklip_timeout_s)}
         for name, check in checks.items():
             started = time.perf_counter()
             try:

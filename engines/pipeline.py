@@ -22,7 +22,7 @@ import numpy as np
 from engines.base import Runner, check_tokenizer
 from fklip.background import in_background
 from fklip.data.archive import ImageArchive
-from fklip.encode import alloc_features
+from fklip.encode import alloc_features, check_finite_images
 from fklip.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,9 @@ def encode_archive(runner: Runner, archive: ImageArchive, batch_size: int = 256,
         for row, batch in ready:
             if upload:
                 batch = _ready_on_device(*batch)
-            _store(out, slice(row, row + len(batch)), runner.encode_images(batch), len(batch))  # (B, D)
+            emb = runner.encode_images(batch)  # (B, D)
+            _store(out, slice(row, row + len(batch)), emb, len(batch))
+            check_finite_images(emb, archive, ids[row:row + len(batch)])
             bar.update(len(batch))
     return out
 

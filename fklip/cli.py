@@ -382,7 +382,8 @@ def eval_command(image_data, text_data, image_standard_path, output_dir, save_fe
 @click.option("--concept-loss-weight", default="auto", show_default=True,
               help="auto (the original's adaptive weight, clamped to [0, 1]) or a number in [0, 1].")
 @click.option("--original-indexing", is_flag=True,
-              help="Reproduce the original's slot/rank transposition in the concept loss.")
+              help="Reproduce the original's concept loss: its slot/rank transposition, and negative "
+                   "prototype cosines as negative weights (fklip clamps them to 0).")
 @click.option("--dist-url", default=None, help="Accepted for the original's launch; use torchrun for several processes.")
 @click.option("--dataset-type", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
 @click.option("--warmup", type=int, default=500, show_default=True, help="Warmup steps.")

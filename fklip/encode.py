@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fklip.background import in_background
 from fklip.data.archive import ImageArchive, model_input_from_batch
+from fklip.errors import DataError, preview
 from fklip.model import Tokenizer, encode_text_trimmed
 
 
@@ -45,6 +46,28 @@ def alloc_features(n: int, dim: int, out: np.ndarray | None) -> np.ndarray:
     if out.shape != (n, dim):
         raise ValueError(f"output array has shape {out.shape}, expected {(n, dim)}")
     return out
+
+
+def check_finite_images(emb: np.ndarray, archive: ImageArchive, ids: Sequence) -> None:
+    """Raise DataError naming the archive and the images whose feature rows are not finite.
+
+    `emb` (B, D) holds the features of `ids` (B ids). Unchecked, a NaN image stops the search or
+    the feature writer later, naming a row number instead of the archive and the image; one pass
+    over the batch's features costs far less than encoding it."""
+    finite = np.isfinite(emb).all(axis=1)  # (B,)
+    if finite.all():
+        return
+    bad = [ids[i] for i in np.flatnonzero(~finite)]
+    bad_pixels = [i for i in bad if not np.isfinite(archive.read(i)).all()]  # only the few bad rows read again
+    what = f"image {bad[0]!r} gives" if len(bad) == 1 else f"{len(bad)} images ({preview(bad)}) give"
+    if len(bad_pixels) == len(bad):
+        why = "its pixels hold NaN or inf" if len(bad) == 1 else "their pixels hold NaN or inf"
+    elif bad_pixels:
+        why = f"the pixels of {preview(bad_pixels)} hold NaN or inf; the others' are finite"
+    else:  # NaN weights, or an overflow in fp16
+        why = (f"{'its pixels are' if len(bad) == 1 else 'their pixels are all'} finite: the model gives "
+               "NaN or inf (NaN weights, or an overflow at a low precision)")
+    raise DataError(f"{archive.path}: {what} non-finite features ({why})")
 
 
 def _archive_batches(archive: ImageArchive, ids: list, batch_size: int, pin: bool):
@@ -83,7 +106,9 @@ def encode_archive(model, archive: ImageArchive, batch_size: int = 256, device: 
             x = model_input_from_batch(batch, archive.encoding, device=device, dtype=dtype)  # (B, 3, H, W)
             with _autocast(device, precision):
                 emb = model.encode_image(x)  # (B, D)
-            out[row:row + len(batch)] = F.normalize(emb.float(), dim=-1).cpu().numpy()
+            emb = F.normalize(emb.float(), dim=-1).cpu().numpy()
+            check_finite_images(emb, archive, ids[row:row + len(batch)])
+            out[row:row + len(batch)] = emb
             row += len(batch)
             bar.update(len(batch))
     return out

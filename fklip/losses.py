@@ -72,13 +72,16 @@ class ContrastiveLoss(nn.Module):
 
 
 @torch.no_grad()
-def select_prototypes(image_emb: Tensor, prototypes: Tensor, top: int = 5) -> tuple[Tensor, Tensor]:
+def select_prototypes(image_emb: Tensor, prototypes: Tensor, top: int = 5,
+                      clamp_negative: bool = True) -> tuple[Tensor, Tensor]:
     """The K = `top` prototypes of each (sample, slot) closest to the sample's image, and their
     batch-normalised weights (spec 3.4), both constants:
 
         sigma_{n,c,m} = <P_{n,c,m}, I_n>;  (pi, v)_{n,c,1..K} = top-K over m, descending (ties: lower m)
         w_{n,c,j} = max(v_{n,c,j}, 0) / sqrt(sum_n' max(v_{n',c,j}, 0)^2),  0 where the norm is 0
 
+    `clamp_negative=False` keeps the sign as the original does: w = v / sqrt(sum_n' v^2), so a
+    negative cosine gives a negative weight (still 0 where the norm is 0, NaN in the original).
     `image_emb` (N, D), `prototypes` (N, S, M, D) -> `pi` (N, S, K) int64, `w` (N, S, K).
     """
     dtype = torch.promote_types(prototypes.dtype, torch.float32)
@@ -87,7 +90,9 @@ def select_prototypes(image_emb: Tensor, prototypes: Tensor, top: int = 5) -> tu
     with torch.autocast(image_emb.device.type, enabled=False):
         sim = torch.einsum("nsmd,nd->nsm", prototypes.to(dtype), image_emb.detach().to(dtype))  # (N, S, M)
     v, pi = torch.sort(sim, dim=-1, descending=True, stable=True)
-    v, pi = v[..., :top].clamp_min(0), pi[..., :top]  # (N, S, K)
+    v, pi = v[..., :top], pi[..., :top]  # (N, S, K)
+    if clamp_negative:
+        v = v.clamp_min(0)
     norm = v.pow(2).sum(0, keepdim=True).sqrt()  # (1, S, K): L2 over the batch, not over ranks
     w = torch.where(norm > 0, v / norm.clamp_min(1e-30), torch.zeros_like(v))  # (N, S, K)
     return pi, w
@@ -109,6 +114,15 @@ class ConceptLoss(nn.Module):
     C+ = the slots with any positive weight in the batch. With every slot filled somewhere this is
     the original's (1/S) sum_c; a slot empty across the whole batch (NaN in the original) is
     dropped, and with no slot left the loss is an exact 0 that still back-propagates.
+    By default a negative cosine is clamped to 0: a (sample, slot) whose kept prototypes all have
+    negative cosine gets weight 0, as an empty one does, and a slot where that holds for every
+    sample is dropped.
+
+    `clamp_negative=False` is the original's arithmetic (spec 3.4): w = v / sqrt(sum_n' v^2) with
+    v's sign kept, so negative cosines give negative weights, CE_w and alpha divide by signed sums
+    (a column or slot of negative weights alone gives the same CE_w and alpha as their absolute
+    values), and C+ = the slots whose weights do not sum to 0. Only the original's divisions by 0
+    (NaN) stay guarded: a weight column or slot summing to 0 contributes 0.
 
     Selection and weights are detached and the prototypes are constants, so the loss trains only
     the concept text features and the scale; the image feature only ranks the prototypes, and
@@ -116,14 +130,16 @@ class ConceptLoss(nn.Module):
 
     `transposed_indexing=True` reproduces the original's bug (spec 6.4): term (c, j) uses the
     logits Lambda^{j,c} with the weights w_{.,c,j} and alpha_{c,j}; it needs S == K.
+    `--original-indexing` sets both: `transposed_indexing=True, clamp_negative=False`.
     """
 
-    def __init__(self, top: int = 5, transposed_indexing: bool = False) -> None:
+    def __init__(self, top: int = 5, transposed_indexing: bool = False, clamp_negative: bool = True) -> None:
         super().__init__()
         if top < 1:
             raise ValueError(f"top must be at least 1, got {top}")
         self.top = top
         self.transposed_indexing = transposed_indexing
+        self.clamp_negative = clamp_negative
 
     def forward(self, image_emb: Tensor, concept_text_emb: Tensor, prototypes: Tensor,
                 scale: Tensor) -> Tensor:
@@ -139,12 +155,13 @@ class ConceptLoss(nn.Module):
             raise ValueError(f"transposed_indexing needs as many slots as kept ranks, got S={s}, top={k}")
         prototypes = prototypes.detach()
         dtype = torch.promote_types(concept_text_emb.dtype, torch.float32)  # softmax in >= fp32
-        pi, w = select_prototypes(image_emb, prototypes, k)  # (N, S, K) each, constants
+        pi, w = select_prototypes(image_emb, prototypes, k, self.clamp_negative)  # (N, S, K) each, constants
         w = w.permute(1, 2, 0).to(dtype)  # (S, K, N)
         w_sum = w.sum(-1)  # (S, K)
         slot_sum = w_sum.sum(-1)  # (S,)
-        active = slot_sum > 0  # (S,)
-        alpha = w_sum / slot_sum.clamp_min(1e-30).unsqueeze(-1)  # (S, K), 0 on empty slots
+        # sums of signed weights (clamp_negative=False) may be negative: guard only exact zeros
+        active = slot_sum != 0  # (S,)
+        alpha = w_sum / torch.where(active, slot_sum, 1).unsqueeze(-1)  # (S, K), 0 on empty slots
         q = prototypes.gather(2, pi.unsqueeze(-1).expand(n, s, k, d))  # (N, S, K, D)
         q = q.to(concept_text_emb.dtype)
         # logits[c, j, a, b] = s <q_{a,c,j}, t_{b,c}>: rows prototypes, columns concept texts
@@ -154,9 +171,11 @@ class ConceptLoss(nn.Module):
         logits = logits.to(dtype)
         loss_rows = -torch.diagonal(logits.log_softmax(-1), dim1=-2, dim2=-1)  # (S, K, N)
         loss_cols = -torch.diagonal(logits.log_softmax(-2), dim1=-2, dim2=-1)  # (S, K, N)
-        safe_sum = w_sum.clamp_min(1e-30)
-        ce_rows = (w * loss_rows).sum(-1) / safe_sum  # (S, K); 0 where w_sum == 0
-        ce_cols = (w * loss_cols).sum(-1) / safe_sum
+        nonzero = w_sum != 0  # (S, K)
+        safe_sum = torch.where(nonzero, w_sum, 1)
+        # 0 where w_sum == 0 (also when signed weights cancel: inf or NaN in the original)
+        ce_rows = torch.where(nonzero, (w * loss_rows).sum(-1) / safe_sum, 0)  # (S, K)
+        ce_cols = torch.where(nonzero, (w * loss_cols).sum(-1) / safe_sum, 0)
         per_slot = (alpha * 0.5 * (ce_rows + ce_cols)).sum(-1)  # (S,)
         # mean over the slots with any weight; inactive slots are 0 (alpha = 0), and with none active
         # the result is an exact 0 still connected to the text features and the scale (no host sync)

@@ -135,7 +135,9 @@ def _train_in(cfg: TrainConfig, ctx: DistContext, stop_after: int | None, stack:
     optimizer = build_optimizer(model, cfg.lr, cfg.wd)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" else None
     autocast = _autocast(cfg.precision, device)
-    contrastive, concept = ContrastiveLoss(), ConceptLoss(transposed_indexing=cfg.original_indexing)
+    # --original-indexing: the original's concept loss, its transposition and its signed weights
+    contrastive = ContrastiveLoss()
+    concept = ConceptLoss(transposed_indexing=cfg.original_indexing, clamp_negative=not cfg.original_indexing)
     weight_mode = cfg.concept_loss_weight if cfg.concept_loss_weight == "auto" else float(cfg.concept_loss_weight)
     total_steps, start_epoch, knowledge = batches * cfg.epochs, 0, None
     if resume_state is not None:

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from fklip.cli import cli
-from tests.conftest import ROOT, free_port, write_lines
+from tests.conftest import HANG_S, ROOT, free_port, write_lines
 
 OUTPUTS = ["fashion_image_output.json", "fashion_text_output.json", "metrics.json",
            "test_imgs_predictions.jsonl", "test_txts_predictions.jsonl"]
@@ -147,7 +147,7 @@ def test_torchrun_two_processes_match_one(tmp_path, small_demo, tiny_checkpoint)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "fklip",
            *map(str, eval_args(small_demo, tiny_checkpoint, tmp_path / "two", *args))]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_outputs(tmp_path / "two") == read_outputs(tmp_path / "one")
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["environment"]["world_size"] == 2
@@ -187,3 +187,67 @@ def test_search_runs_on_this_ranks_device_not_the_flags():
     assert rank_search_config(flag, DistContext(device="cuda:0")) is flag
     on_cpu = SearchConfig(device="cpu")  # a CPU search under torchrun stays on the CPU
     assert rank_search_config(on_cpu, DistContext(rank=1, world_size=2, local_rank=1, device="cuda:1")) is on_cpu
+
+
+def test_a_nan_image_names_the_archive_and_the_image(tmp_path, small_demo, tiny_checkpoint):
+    """An archive member whose float32 pixels are all NaN: one line naming the archive file and
+    the image id(s), exit code 2, and nothing written, for `fklip extract` and `fklip eval`."""
+    from tests.conftest import run_fklip
+
+    with np.load(small_demo.val_images) as npz:
+        images = {key: npz[key] for key in npz.files}
+    ids = list(images)
+    assert images[ids[0]].dtype == np.float32
+    images[ids[2]] = np.full_like(images[ids[2]], np.nan)
+    one_bad = tmp_path / "val.64.npz"
+    np.savez(one_bad, **images)
+    images[ids[5]] = np.full_like(images[ids[5]], np.inf)
+    two_bad = tmp_path / "two" / "val.64.npz"
+    two_bad.parent.mkdir()
+    np.savez(two_bad, **images)
+
+    def error_line(result) -> str:
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        return next(line for line in result.stderr.splitlines() if "non-finite" in line)
+
+    r = run_fklip("extract", "--extract-image-feats", "--image-data", str(one_bad), "--resume", str(tiny_checkpoint),
+                  "--image-feat-output-path", str(tmp_path / "out" / "feats.jsonl"))
+    line = error_line(r)
+    assert f"{one_bad}: image '{ids[2]}' gives non-finite features (its pixels hold NaN or inf)" in line
+    r = run_fklip("eval", "--resume", str(tiny_checkpoint), "--image-data", str(two_bad),
+                  "--text-data", str(small_demo.val_queries), "--output-dir", str(tmp_path / "out"))
+    line = error_line(r)
+    assert (f"{two_bad}: 2 images ('{ids[2]}', '{ids[5]}') give non-finite features "
+            "(their pixels hold NaN or inf)") in line
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two", "val.64.npz"]
+
+
+def test_plain_encoding_names_non_finite_images(tmp_path, small_demo, tiny_model):
+    """fklip.encode (the knowledge refresh's and TorchEncoder's path) checks as the pipeline does,
+    and tells NaN pixels from a model that gives NaN on finite ones."""
+    import copy
+
+    import pytest
+
+    from fklip.data.archive import ImageArchive
+    from fklip.encode import encode_archive
+    from fklip.errors import DataError
+
+    with np.load(small_demo.val_images) as npz:
+        images = {key: npz[key] for key in npz.files}
+    ids = list(images)
+    images[ids[1]] = np.full_like(images[ids[1]], np.nan)
+    path = tmp_path / "kb.npz"
+    np.savez(path, **images)
+    with ImageArchive(path) as archive:
+        with pytest.raises(DataError, match=rf"kb.npz: image '{ids[1]}' gives non-finite features "
+                                            r"\(its pixels hold NaN or inf\)$"):
+            encode_archive(tiny_model, archive, batch_size=4)
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(broken.visual.parameters()).fill_(float("nan"))
+    with ImageArchive(small_demo.val_images) as archive:
+        with pytest.raises(DataError, match=r"images \(.*, \.\.\. \(\d+ more\)\) give non-finite features \(their "
+                                            r"pixels are all finite: the model gives NaN or inf"):
+            encode_archive(broken, archive, batch_size=8)

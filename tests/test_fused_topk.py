@@ -13,7 +13,7 @@ import pytest
 
 from fklip.errors import ConfigError
 from fklip.retrieval import chunked, topk_chunked, topk_reference
-from tests.conftest import ROOT
+from tests.conftest import HANG_S, ROOT
 from tests.test_retrieval import assert_same, grid_features
 
 
@@ -32,7 +32,7 @@ def test_kernel_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                              str(ROOT / "tests" / "fused_topk_cases.py")], cwd=ROOT, env=env,
-                            capture_output=True, text=True, check=False, timeout=900)
+                            capture_output=True, text=True, check=False, timeout=HANG_S)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", result.stdout)
     assert passed and int(passed[1]) >= 20, result.stdout[-2000:]  # the kernel tests ran

@@ -18,7 +18,7 @@ from fklip.errors import ConfigError, DataError
 from fklip.knowledge import (PROMPT, RowLookup, Vocabulary, build_concept_table, concept_slots,
                              data_concepts, kb_concepts, load_vocabulary, mmr, prototype_features,
                              retrieve_concept_images, with_hypernyms)
-from tests.conftest import ROOT, write_lines
+from tests.conftest import HANG_S, ROOT, write_lines
 
 
 # ---- helpers ----
@@ -350,7 +350,7 @@ def test_concept_table_is_independent_of_hash_seed(tmp_path):
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(ROOT))
         run = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, *args], capture_output=True,
-                             text=True, env=env, timeout=300)
+                             text=True, env=env, timeout=HANG_S)
         assert run.returncode == 0, run.stderr
         outputs.append(json.loads(run.stdout))
     table = build_concept_table(read_train_queries(args[2]), load_vocabulary(args[0], args[1]))

@@ -18,6 +18,7 @@ from fklip.distributed import DistContext
 from fklip.errors import ConfigError
 from fklip.losses import (ConceptLoss, ContrastiveLoss, combine, concept_weight, gather_with_grad,
                           select_prototypes)
+from tests.conftest import HANG_S
 
 S, M, D, TOP = 5, 10, 8, 5
 
@@ -54,8 +55,9 @@ def plain_contrastive(image, text, scale):
     return 0.5 * (plain_ce(logits) + plain_ce(logits.t()))
 
 
-def plain_selection(image, protos, top=TOP):
-    """pi[n][c] (top indices, descending, ties to the lower m), w[n][c][j] as Python floats."""
+def plain_selection(image, protos, top=TOP, clamp=True):
+    """pi[n][c] (top indices, descending, ties to the lower m), w[n][c][j] as Python floats;
+    clamp=False keeps negative cosines (the original)."""
     n, s, m, _ = protos.shape
     pi, v = [], []
     for i in range(n):
@@ -64,7 +66,7 @@ def plain_selection(image, protos, top=TOP):
             sims = [float(torch.dot(protos[i, c, k], image[i].detach())) for k in range(m)]
             order = sorted(range(m), key=lambda k: (-sims[k], k))[:top]
             pi[i].append(order)
-            v[i].append([max(sims[k], 0.0) for k in order])
+            v[i].append([max(sims[k], 0.0) if clamp else sims[k] for k in order])
     w = [[[0.0] * top for _ in range(s)] for _ in range(n)]
     for c in range(s):
         for j in range(top):
@@ -74,10 +76,10 @@ def plain_selection(image, protos, top=TOP):
     return pi, w
 
 
-def plain_concept(image, text, protos, scale, top=TOP):
+def plain_concept(image, text, protos, scale, top=TOP, clamp=True):
     """The intended formula of spec 3.4; slots with no weight at all are left out of the mean."""
     n, s = text.shape[:2]
-    pi, w = plain_selection(image, protos, top)
+    pi, w = plain_selection(image, protos, top, clamp)
     total, active = 0.0, 0
     for c in range(s):
         slot_weight = sum(w[i][c][j] for i in range(n) for j in range(top))
@@ -96,9 +98,12 @@ def plain_concept(image, text, protos, scale, top=TOP):
 
 
 def original_transposed(image, text, protos, scale, top=TOP):
-    """The original's code, restated literally: logits built as [rank j][slot c], read as [c][j]."""
+    """The original's get_loss, restated literally: the top cosines with their sign, each rank's
+    column divided by its L2 norm over the batch, logits built as [rank j][slot c] and read as
+    [c][j], CE weighted by sum_n w_n l_n / sum_n w_n, alpha = column sum / slot sum, then / S.
+    No guards: where the original divides by 0 this gives NaN too."""
     n, s = text.shape[:2]
-    pi, w = plain_selection(image, protos, top)
+    pi, w = plain_selection(image, protos, top, clamp=False)
     built = []
     for j in range(top):
         row = []
@@ -199,6 +204,13 @@ def test_selection_excludes_zero_and_negative_prototypes():
     # the plain formula, which skips weight-0 rows explicitly
     torch.testing.assert_close(ConceptLoss()(image, text, protos, scale),
                                plain_concept(image, text, protos, scale), rtol=1e-12, atol=1e-12)
+    # the original's weights keep the sign: cosine -1 everywhere gives negative weights
+    pi_signed, w_signed = select_prototypes(image, protos, TOP, clamp_negative=False)
+    assert torch.equal(pi_signed, pi) and torch.all(w_signed[2, 1] < 0) and torch.all(w_signed[0, 2] == 0)
+    want_pi, want_w = plain_selection(image, protos, clamp=False)
+    assert pi_signed.tolist() == want_pi
+    torch.testing.assert_close(w_signed, torch.tensor(want_w, dtype=torch.float64))
+    torch.testing.assert_close(w_signed.norm(dim=0), torch.ones(S, TOP, dtype=torch.float64))
 
 
 def test_slot_empty_for_every_sample_is_dropped_not_nan():
@@ -231,15 +243,53 @@ def test_all_slots_empty_gives_zero_with_a_graph():
 
 # ---- ConceptLoss: the original's transposed indexing ----
 
+def pointing_away(image: torch.Tensor, m: int, seed: int) -> torch.Tensor:
+    """(N, m, D) unit prototypes, each with a distinct negative cosine to its sample's image."""
+    gen = torch.Generator().manual_seed(seed)
+    image = image.detach()
+    noise = torch.randn(image.shape[0], m, D, generator=gen, dtype=torch.float64)
+    noise = noise - (noise @ image[:, :, None]) * image[:, None, :]  # orthogonal to the image
+    away = torch.rand(image.shape[0], m, 1, generator=gen, dtype=torch.float64) + 0.2
+    return F.normalize(noise - away * image[:, None, :], dim=-1)
+
+
 def test_transposed_indexing_reproduces_the_original_and_differs_from_intended():
     image, text, protos, scale = batch(5, seed=8)
-    bugged = ConceptLoss(transposed_indexing=True)(image, text, protos, scale)
+    bugged = ConceptLoss(transposed_indexing=True, clamp_negative=False)(image, text, protos, scale)
     literal = original_transposed(image, text, protos, scale)
     torch.testing.assert_close(bugged, literal, rtol=1e-12, atol=1e-12)
     for g, w in zip(grads(bugged, text, scale), grads(literal, text, scale)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     intended = ConceptLoss()(image, text, protos, scale)
     assert abs(bugged.item() - intended.item()) > 1e-4
+
+
+def test_original_weights_reproduce_the_original_on_negative_cosines():
+    """What --original-indexing runs (transposed, signed weights) against the literal original, on
+    a batch where every prototype of slot 1 has a negative cosine for every sample (the original
+    weighs that slot by |cosine|; fklip's clamp drops it) and sample 2's slot 3 has only negative
+    ones (negative weights beside positive ones in the same columns)."""
+    image, text, protos, scale = batch(5, seed=12)
+    protos[:, 1] = pointing_away(image, M, seed=13)
+    protos[2, 3] = pointing_away(image, M, seed=14)[2]
+    _, w = select_prototypes(image, protos, TOP, clamp_negative=False)
+    assert torch.all(w[:, 1] < 0) and torch.all(w[2, 3] < 0) and torch.all(w[[0, 1, 3, 4], 3, 0] > 0)
+    original = ConceptLoss(transposed_indexing=True, clamp_negative=False)(image, text, protos, scale)
+    literal = original_transposed(image, text, protos, scale)
+    assert torch.isfinite(literal)
+    torch.testing.assert_close(original, literal, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads(original, text, scale), grads(literal, text, scale)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # the signed weights with the intended indexing, against the plain formula without the clamp
+    signed = ConceptLoss(clamp_negative=False)(image, text, protos, scale)
+    plain = plain_concept(image, text, protos, scale, clamp=False)
+    torch.testing.assert_close(signed, plain, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads(signed, text, scale), grads(plain, text, scale)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # fklip's default clamps: slot 1 has no weight and leaves the mean, so the values differ
+    clamped = ConceptLoss(transposed_indexing=True)(image, text, protos, scale)
+    assert abs(clamped.item() - original.item()) > 1e-4
+    assert torch.all(grads(ConceptLoss()(image, text, protos, scale), text)[0][:, 1] == 0)
 
 
 def test_transposed_indexing_needs_square_slots_and_ranks():
@@ -312,7 +362,7 @@ B = 3
 
 def _worker(rank: int, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=2, timeout=timedelta(seconds=60))
+                                         world_size=2, timeout=timedelta(seconds=HANG_S))
     try:
         ctx = DistContext(rank=rank, world_size=2, local_rank=rank)
         mine = slice(rank * B, (rank + 1) * B)
@@ -363,12 +413,12 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 
     out = tmp_path_factory.mktemp("gloo")
     procs = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=False)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + HANG_S
     while not procs.join(timeout=5):
         if time.monotonic() > deadline:
             for p in procs.processes:
                 p.kill()
-            pytest.fail("the 2-process gloo workers did not finish within 180 s")
+            pytest.fail(f"the 2-process gloo workers did not finish within {HANG_S} s")
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from fklip.cli import cli
-from tests.conftest import ROOT, free_port
+from tests.conftest import HANG_S, ROOT, free_port
 
 SCALARS = {"train/loss", "train/contrastive_loss", "train/concept_loss", "train/concept_weight", "train/lr",
            "train/scale", "train/samples_per_s", "val/loss", "val/t2i_r1", "val/t2i_r5", "val/t2i_r10",
@@ -99,6 +99,25 @@ def test_every_switch_combination_runs(tmp_path, demo, flags):
     assert ("train/concept_loss" in logged) == ("--is-concept" in flags)
     if "0.3" in flags:
         assert all(abs(w - 0.3) < 1e-6 for w in logged["train/concept_weight"])
+
+
+def test_original_indexing_runs_the_original_concept_loss(tmp_path, demo, monkeypatch):
+    """--original-indexing: the original's transposition and its signed prototype weights."""
+    import fklip.losses
+
+    built = []
+
+    class Spy(fklip.losses.ConceptLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append((self.transposed_indexing, self.clamp_negative))
+
+    monkeypatch.setattr(fklip.losses, "ConceptLoss", Spy)
+    flags = ["--is-concept", "--is-data-concept", "--no-use-kb-concepts"]
+    for name, extra in (("fklip", []), ("original", ["--original-indexing"])):
+        result = invoke(train_args(demo, tmp_path, name, *flags, *extra, epochs=1))
+        assert result.exit_code == 0, result.output
+    assert built == [(False, True), (True, False)]
 
 
 def test_resume_after_epoch_1_ends_with_the_same_weights(tmp_path, demo):
@@ -190,7 +209,7 @@ def test_two_processes_follow_one_process_with_double_batch(tmp_path, demo):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "fklip", "--",  # `--`: torchrun would take --logs
            *map(str, train_args(demo, tmp_path, "two", *flags, batch=4))]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = scalars(tmp_path / "one"), scalars(tmp_path / "two")
     for tag in ("train/loss", "train/contrastive_loss", "train/concept_loss"):

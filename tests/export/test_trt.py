@@ -54,6 +54,7 @@ from fklip.errors import (
     MissingDependencyError,
     NotAvailableError,
 )
+from tests.conftest import HANG_S
 
 FACTS = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "trt_version": "10.9.0.34"}
 
@@ -264,7 +265,7 @@ def test_concurrent_builds_of_one_engine_build_it_once(tmp_path, monkeypatch):
     results = []
     first = threading.Thread(target=lambda: results.append(load_or_build_engine(*args)))
     first.start()
-    assert started.wait(10)
+    assert started.wait(HANG_S)
     results.append(load_or_build_engine(*args))  # blocks until the first build is done
     first.join()
     assert len(builds) == 1
