@@ -1,8 +1,4 @@
-"""The `fklip export` and `fklip bench` commands: the ones that drive export/ and engines/.
-
-Registered on the `fklip` group by fklip.cli, which turns their typed errors into one line and an
-exit code. export/ and engines/ are imported inside the commands.
-"""
+"""`fklip export` and `fklip bench`: a checkpoint to ONNX/TensorRT, and engines timed against open_clip."""
 
 from __future__ import annotations
 
@@ -143,3 +139,6 @@ def bench(device, model, checkpoint, trust_checkpoint, engines, precisions, batc
         click.echo(line)
         if json_out is not None:
             outputs.path(json_out).write_text(line + "\n", encoding="utf-8")
+
+
+COMMANDS = [export, bench]
