@@ -8,7 +8,7 @@ folder with `export.pipeline.run_export` (fp32 with --int8: 7-bit int8 weights f
 tower, uint8 weights for the text tower; and fp16). A second folder holds the same fp32 graphs
 with onnxruntime's default 8-bit int8 weights, for comparison. Inputs: demo garments drawn at
 the model's image size (`fklip.data.garments`), CLIP-normalised float32, and demo captions
-(`fklip.data.demo.caption_and_phrases`) tokenised by the fklip tokenizer.
+(`fklip.data.demo_dataset.caption_and_phrases`) tokenised by the fklip tokenizer.
 
 * baseline: open_clip eager fp32, `model.encode_image` / `model.encode_text` over the full
   context (77 tokens) + F.normalize, as open_clip users run it, in the same process and run;

@@ -29,7 +29,7 @@ from fklip.bench import cpu_facts
 
 
 def make_files(folder: Path, n: int, dim: int, seed: int = 0) -> dict:
-    from fklip.features import write_features
+    from fklip.data.features import write_features
     from fklip.io import write_jsonl
 
     rng = np.random.default_rng(seed)

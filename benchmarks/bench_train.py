@@ -47,7 +47,7 @@ def run(model: str, steps: int, batch: int, concept: bool, data, logs: Path) -> 
 
 
 def main() -> None:
-    from fklip.data.demo import DemoDataConfig, generate_demo
+    from fklip.data.demo_dataset import DemoDataConfig, generate_demo
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)

@@ -114,7 +114,7 @@ def write_uint8_archive(path: Path, n: int, size: int, pool: int = 256) -> list[
 def fashiongen_like_captions(n: int, seed: int = 0) -> list[str]:
     """Demo captions joined to FashionGen's length: descriptions of 2 to 5 sentences (most of
     them 25 to 60 tokens, some cut at 77)."""
-    from fklip.data.demo import caption_and_phrases, sample_garment
+    from fklip.data.demo_dataset import caption_and_phrases, sample_garment
 
     rng = np.random.default_rng(seed)
     out = []
@@ -126,7 +126,7 @@ def fashiongen_like_captions(n: int, seed: int = 0) -> list[str]:
 
 def concept_prompts(n: int) -> list[str]:
     """"a photo of <concept>" over the demo vocabularies, repeated to n."""
-    from fklip.data.demo import build_vocabularies
+    from fklip.data.demo_dataset import build_vocabularies
 
     data_vocab, kb_vocab = build_vocabularies()
     concepts = sorted(set(data_vocab) | set(kb_vocab))
@@ -468,7 +468,7 @@ def eval_section(args, tmp: Path) -> dict:
 
 def train_section(args, tmp: Path) -> dict:
     from fklip.data.archive import ImageArchive
-    from fklip.data.demo import DemoDataConfig, generate_demo
+    from fklip.data.demo_dataset import DemoDataConfig, generate_demo
     from fklip.distributed import DistContext
     from fklip.knowledge import load_vocabulary
     from fklip.model import build_tokenizer

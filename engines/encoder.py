@@ -1,8 +1,8 @@
 """The encoder `fklip eval` and `fklip extract` run for `--engine torch|onnx|trt`.
 
-It has the interface of fklip.encode.TorchEncoder (whole archives and caption lists in, feature
-matrices out), built from one runner and the batched feature pipeline, so every backend takes
-the same code path from the archive to the feature rows.
+Whole archives and caption lists in, feature matrices out, built from one runner and the batched
+feature pipeline, so every backend takes the same code path from the archive to the feature rows:
+`fklip eval`, `fklip extract` and the demo all encode through it.
 """
 
 from __future__ import annotations
@@ -84,8 +84,3 @@ class EngineEncoder:
     def encode_texts(self, texts: Sequence[str], out: np.ndarray | None = None,
                      progress: bool = False) -> np.ndarray:
         return encode_texts(self.runner, self.tokenizer, texts, self.enc.text_batch_size, out, progress)
-
-
-def encoder_from_config(enc: EncodeConfig, device: str) -> EngineEncoder:
-    """`make_encoder` for fklip.eval_pipeline.run_eval and fklip.extract.run_extract."""
-    return EngineEncoder(enc, device)

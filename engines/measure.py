@@ -43,7 +43,7 @@ def build_inputs(image_size: int, tokenizer, n_images: int, n_texts: int, seed: 
     """(N, 3, S, S) CLIP-normalised demo garments, (M, context) int64 ids of demo captions, and
     the captions."""
     from fklip.data.archive import normalized_from_pixels
-    from fklip.data.demo import caption_and_phrases, sample_garment
+    from fklip.data.demo_dataset import caption_and_phrases, sample_garment
     from fklip.data.garments import draw_garment
 
     rng = np.random.default_rng(seed)

@@ -38,7 +38,7 @@ def load_val(val_data: Path, val_img: Path, spec) -> ValSet:
 def evaluate_val(model, val: ValSet, eval_batch_size: int, batch_size: int, device: str) -> dict:
     """{"val_loss", "t2i_r1", ..., "i2t_r10"} with the current weights (eval mode, then back)."""
     from fklip.encode import encode_archive, encode_texts
-    from fklip.evaluate import gold_from_item_ids, gold_from_queries, score, search
+    from fklip.predict import gold_from_item_ids, gold_from_queries, score, search
 
     was_training = model.training
     model.eval()

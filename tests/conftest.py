@@ -62,7 +62,7 @@ def run_fklip(*args: str, cwd: Path | None = None, timeout: float = HANG_S) -> s
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
     """A small demo dataset at the tiny model's image size."""
-    from fklip.data.demo import DemoDataConfig, generate_demo
+    from fklip.data.demo_dataset import DemoDataConfig, generate_demo
 
     out = tmp_path_factory.mktemp("demo")
     return generate_demo(DemoDataConfig(out=out, seed=1, size=64, train=8, val=12, kb=8))

@@ -65,7 +65,7 @@ def test_data_demo_and_inspect(tmp_path):
 def test_inspect_checks_every_file_and_knows_feature_files(tmp_path):
     """Every path is checked: a summary on stdout per good file, one error line per bad one (the
     same rules as the commands, through the same readers), then a count, and exit code 2."""
-    from fklip.features import write_features
+    from fklip.data.features import write_features
 
     rng = np.random.default_rng(0)
     m = rng.standard_normal((3, 4)).astype(np.float32)

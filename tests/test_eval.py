@@ -61,7 +61,7 @@ def test_extract_writes_the_originals_files(tmp_path, small_demo, tiny_checkpoin
 def test_extract_default_names_and_npy(tmp_path, small_demo, tiny_checkpoint):
     import shutil
 
-    from fklip.features import read_features
+    from fklip.data.features import read_features
 
     archive = tmp_path / "val.64.npz"
     queries = tmp_path / "queries.jsonl"
@@ -128,7 +128,7 @@ def test_derived_image_gold_equals_the_gold_file(tmp_path, small_demo, tiny_chec
 
 
 def test_memory_mapped_features_give_the_same_results(tmp_path, small_demo, tiny_checkpoint, monkeypatch):
-    import fklip.eval_pipeline as pipeline
+    import engines.eval as pipeline
 
     assert invoke(eval_args(small_demo, tiny_checkpoint, tmp_path / "mem")).exit_code == 0
     monkeypatch.setattr(pipeline, "MEMMAP_SHARE", 0.0)
@@ -154,7 +154,7 @@ def test_torchrun_two_processes_match_one(tmp_path, small_demo, tiny_checkpoint)
 
 
 def test_eval_bad_inputs(tmp_path, small_demo, tiny_checkpoint):
-    from fklip.data.demo import DemoDataConfig, generate_demo
+    from fklip.data.demo_dataset import DemoDataConfig, generate_demo
 
     other = generate_demo(DemoDataConfig(out=tmp_path / "d32", size=32, train=8, val=4, kb=8))
     r = invoke(["eval", "--resume", tiny_checkpoint, "--image-data", other.val_images,
@@ -180,7 +180,7 @@ def test_search_runs_on_this_ranks_device_not_the_flags():
     there too, not to the flag's device (every rank on GPU 0). One process keeps its own."""
     from fklip.config import SearchConfig
     from fklip.distributed import DistContext
-    from fklip.eval_pipeline import rank_search_config
+    from engines.eval import rank_search_config
 
     flag = SearchConfig(device="cuda:0")
     assert rank_search_config(flag, DistContext(rank=3, world_size=4, local_rank=3, device="cuda:3")).device == "cuda:3"
@@ -224,7 +224,7 @@ def test_a_nan_image_names_the_archive_and_the_image(tmp_path, small_demo, tiny_
 
 
 def test_plain_encoding_names_non_finite_images(tmp_path, small_demo, tiny_model):
-    """fklip.encode (the knowledge refresh's and TorchEncoder's path) checks as the pipeline does,
+    """fklip.encode (the knowledge refresh's path) checks as the pipeline does,
     and tells NaN pixels from a model that gives NaN on finite ones."""
     import copy
 

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fklip import features
+from fklip.data import features
 from fklip.errors import ConfigError, DataError, OutputError
-from fklip.features import Features, check_same_dim, npy_ids_path, read_features, write_features
+from fklip.data.features import Features, check_same_dim, npy_ids_path, read_features, write_features
 
 
 def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -383,7 +383,7 @@ def test_progress_bar_counts_every_byte(tmp_path, monkeypatch):
     """`read_features(progress=True)` moves a bar over the file's bytes; the result is unchanged."""
     import tqdm
 
-    from fklip.features import read_features, write_features
+    from fklip.data.features import read_features, write_features
 
     rng = np.random.default_rng(0)
     path = tmp_path / "f.jsonl"

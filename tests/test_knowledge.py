@@ -228,7 +228,7 @@ def test_load_vocabulary_rows_and_unknown_fathers(tmp_path):
 
 
 def test_load_vocabulary_on_demo_data(tmp_path):
-    from fklip.data.demo import DemoDataConfig, build_vocabularies, generate_demo
+    from fklip.data.demo_dataset import DemoDataConfig, build_vocabularies, generate_demo
 
     paths = generate_demo(DemoDataConfig(out=tmp_path, train=8, val=4, kb=16, size=32))
     data, kb = build_vocabularies()
@@ -342,7 +342,7 @@ print(json.dumps([table.ids.tolist(), table.prompts, table.dropped]))
 
 
 def test_concept_table_is_independent_of_hash_seed(tmp_path):
-    from fklip.data.demo import DemoDataConfig, generate_demo
+    from fklip.data.demo_dataset import DemoDataConfig, generate_demo
 
     paths = generate_demo(DemoDataConfig(out=tmp_path, train=30, val=4, kb=16, size=32))
     args = [str(paths.concept_queries), str(paths.concept_fathers), str(paths.train_queries)]

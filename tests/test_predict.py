@@ -129,7 +129,7 @@ def test_int_and_string_ids_are_normalised(tmp_path):
 
 
 def test_npy_features_give_the_same_outputs(tmp_path):
-    from fklip.features import read_features, write_features
+    from fklip.data.features import read_features, write_features
 
     make_case(tmp_path, n_img=15, n_txt=9, seed=4)
     assert run(predict_args(tmp_path)).exit_code == 0

@@ -97,7 +97,7 @@ def test_cheap_readme_commands_run(tmp_path):
 def test_readme_layout_matches_demo_output(tmp_path):
     block = next(b for b in readme_blocks("text") if b.startswith("demo-data/"))
     listed = {line.split()[0] for line in block.splitlines()[1:] if line.strip()}
-    from fklip.data.demo import demo_paths
+    from fklip.data.demo_dataset import demo_paths
 
     paths = demo_paths(tmp_path, 64)
     actual = {str(p.relative_to(tmp_path)) for p in [*paths.files().values(), paths.manifest]}

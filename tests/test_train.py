@@ -20,7 +20,7 @@ KNOWLEDGE = ["--is-concept", "--is-data-concept", "--is-update"]
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from fklip.data.demo import DemoDataConfig, generate_demo
+    from fklip.data.demo_dataset import DemoDataConfig, generate_demo
 
     return generate_demo(DemoDataConfig(out=tmp_path_factory.mktemp("train-demo"), seed=2, size=64,
                                         train=16, val=8, kb=24))

@@ -28,7 +28,7 @@ def data() -> None:
 def data_demo(out: Path, seed: int, size: int, n_train: int, n_val: int, n_kb: int, encoding: str,
               overwrite: bool) -> None:
     """Generate the procedural demo dataset (garments, captions, concepts, knowledge base)."""
-    from fklip.data.demo import DemoDataConfig, check_demo_out, generate_demo
+    from fklip.data.demo_dataset import DemoDataConfig, check_demo_out, generate_demo
 
     cfg = DemoDataConfig(out=out, seed=seed, size=size, train=n_train, val=n_val, kb=n_kb,
                          encoding=encoding)

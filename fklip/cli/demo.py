@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from fklip.cli.options import make_encoder
-
 
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fklip-demo"), show_default=True,
@@ -20,13 +18,13 @@ from fklip.cli.options import make_encoder
               help="Work in an --out that holds other files (the demo's own earlier runs need no flag).")
 def demo(out: Path, seed: int, device: str, batch_size: int, epochs: int, overwrite: bool) -> None:
     """Run the pipeline on the embedded demo data and print what it did and measured."""
-    from export.pipeline import run_export
+    from engines.demo import format_table, run_demo
     from fklip.config import DemoConfig
-    from fklip.demo import format_table, run_demo
 
     cfg = DemoConfig(out=out, seed=seed, device=device, batch_size=batch_size, epochs=epochs,
                      overwrite=overwrite)
-    rows = run_demo(cfg, run_export, make_encoder())
+    rows = run_demo(cfg)
+    click.echo(format_table(rows))
 
 
 COMMANDS = [demo]

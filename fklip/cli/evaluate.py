@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from fklip.cli.options import echo_recalls, encode_config, encode_options, make_encoder, search_options
+from fklip.cli.options import echo_recalls, encode_config, encode_options, search_options
 from fklip.errors import ConfigError
 
 
@@ -29,7 +29,7 @@ def extract(extract_image_feats, extract_text_feats, image_data, text_data, imag
             text_feat_output_path, fmt, dtype, overwrite, **encode) -> None:
     """Encode images and captions into feature files (the original's eval/extract_features.py)."""
     from fklip.config import ExtractConfig
-    from fklip.extract import run_extract
+    from engines.extract import run_extract
 
     for flag, wanted, data, data_flag in (("--extract-image-feats", extract_image_feats, image_data, "--image-data"),
                                           ("--extract-text-feats", extract_text_feats, text_data, "--text-data")):
@@ -40,7 +40,7 @@ def extract(extract_image_feats, extract_text_feats, image_data, text_data, imag
     cfg = ExtractConfig(encode=encode_config(**encode), image_data=image_data, text_data=text_data,
                         image_output=image_feat_output_path, text_output=text_feat_output_path,
                         fmt=fmt, dtype=dtype, overwrite=overwrite)
-    for item in run_extract(cfg, make_encoder()):
+    for item in run_extract(cfg):
         click.echo(f"{item['kind']} features: {item['count']} rows -> {', '.join(item['files'])}")
 
 
@@ -65,14 +65,14 @@ def eval_command(image_data, text_data, image_standard_path, output_dir, save_fe
     Under torchrun, encoding and search are sharded across the processes and merged exactly.
     """
     from fklip.config import EvalConfig, SearchConfig
-    from fklip.eval_pipeline import run_eval
+    from engines.eval import run_eval
 
     enc = encode_config(**encode)
     search = SearchConfig(top_k=top_k, query_chunk=query_chunk, gallery_chunk=gallery_chunk, device=enc.device)
     cfg = EvalConfig(encode=enc, search=search, image_data=image_data, text_data=text_data,
                      output_dir=output_dir, image_standard_path=image_standard_path,
                      save_features=save_features, overwrite=overwrite)
-    metrics = run_eval(cfg, make_encoder())
+    metrics = run_eval(cfg)
     if metrics is not None:
         echo_recalls(metrics)
         t = metrics["timings_s"]

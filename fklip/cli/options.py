@@ -52,14 +52,6 @@ def encode_config(checkpoint, engine, engine_dir, int8, compile_, cuda_graphs, f
                         cuda_graphs=cuda_graphs, fused=fused)
 
 
-def make_encoder():
-    """What builds the encoder behind --engine (engines/ is imported here, never by fklip's core)."""
-    from engines.encoder import encoder_from_config
-
-    return encoder_from_config
-
-
-
 def search_options(f):
     options = [
         click.option("--top-k", type=int, default=10, show_default=True, help="Predictions kept per query."),

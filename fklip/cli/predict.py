@@ -29,7 +29,7 @@ def predict(image_feats, text_feats, output_images, output_texts, text_standard_
             text_out_path, image_out_path, device, overwrite, top_k, gallery_chunk, query_chunk) -> None:
     """Exact top-k predictions and recall scores from feature files (the original's eval/predict_evaluate.py)."""
     from fklip.config import PredictConfig, SearchConfig, check_device
-    from fklip.evaluate import run_predict
+    from fklip.predict import run_predict
 
     search = SearchConfig(top_k=top_k, query_chunk=query_chunk, gallery_chunk=gallery_chunk,
                           device=check_device(device))

@@ -21,7 +21,7 @@ def _records(reader: Callable[[Path], list]) -> Callable[[Path], str]:
 
 def _features(path: Path) -> str:
     """A feature file, JSON lines or .npy (with its ids file): rows, dim, dtype, id field."""
-    from fklip.features import npy_ids_path, read_features
+    from fklip.data.features import npy_ids_path, read_features
 
     feats = read_features(path)
     form = f".npy with {npy_ids_path(path).name}" if path.suffix == ".npy" else "JSON lines"
@@ -30,7 +30,7 @@ def _features(path: Path) -> str:
 
 def _ids_file(path: Path) -> str:
     """The `<name>.ids.jsonl` of a .npy feature matrix: checked with its matrix."""
-    from fklip.features import read_features
+    from fklip.data.features import read_features
 
     if not path.name.endswith(IDS_SUFFIX):
         raise DataError(f"{path}: the ids file of .npy features (its first line is their header) must be "

@@ -54,7 +54,7 @@ def test_eval_with_fused_towers(small_demo, tiny_checkpoint, tmp_path):
 
 
 def test_extract_through_onnx_and_int8(small_demo, tiny_checkpoint, export_dir, tmp_path):
-    from fklip.features import read_features
+    from fklip.data.features import read_features
 
     feats = {}
     for name, engine in (("torch", ["--resume", tiny_checkpoint]),

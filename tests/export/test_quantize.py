@@ -126,7 +126,7 @@ def test_vit_b_32_int8_cpu_within_0_999_on_demo_images(tmp_path):
     from export.specs import image_tower_spec
     from export.towers import ImageTower
     from fklip.data.archive import normalized_from_pixels
-    from fklip.data.demo import sample_garment
+    from fklip.data.demo_dataset import sample_garment
     from fklip.data.garments import draw_garment
     from fklip.model import ModelSpec, build_model
 

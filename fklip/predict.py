@@ -19,7 +19,7 @@ import torch
 from fklip.config import PredictConfig, SearchConfig
 from fklip.data.jsonl import Id, TextGold, ValQuery, id_key, read_image_gold, read_text_gold
 from fklip.errors import DataError, preview
-from fklip.features import check_same_dim, npy_ids_path, read_features
+from fklip.data.features import check_same_dim, npy_ids_path, read_features
 from fklip.io import OutputSet, atomic_output, check_outputs, write_json
 from fklip.retrieval import (
     MissingPredictionError,

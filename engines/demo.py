@@ -1,9 +1,9 @@
-"""`fklip demo`: the main job on the embedded demo data, as far as fklip implements it today.
+"""`fklip demo`: the main job on the embedded demo data, through the commands' own functions.
 
 Steps: generate the dataset (or reuse a complete one made with the same settings), build the
 tiny model and save it as an fklip checkpoint, evaluate it (`fklip eval`), train it with the
-knowledge losses (`fklip train`), and evaluate it again. Export is reported as not yet available
-until its command lands; the demo grows with it.
+knowledge losses (`fklip train`), evaluate it again, export it (`fklip export`) and evaluate the
+export through the onnx engine (`fklip eval --engine onnx`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fklip.config import DemoConfig, check_device
+import torch
+
+from engines.eval import run_eval
+from export.pipeline import run_export
+from fklip.config import DemoConfig, EncodeConfig, EvalConfig, ExportConfig, SearchConfig, TrainConfig, check_device
+from fklip.data.demo_dataset import DemoDataConfig, check_demo_out, demo_paths, generate_demo, load_demo_manifest
+from fklip.errors import ConfigError
+from fklip.model import ModelSpec, build_model, count_parameters, save_checkpoint
+from fklip.predict import OUTPUT_NAMES
+from fklip.train import run_train
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +45,6 @@ OWN_ENTRIES = ("data", "checkpoints", "eval-before", "logs", "eval", "export", "
 
 def check_demo_folder(cfg: DemoConfig) -> None:
     """--out is new, empty, or holds only what an earlier demo wrote; else --overwrite is needed."""
-    from fklip.errors import ConfigError
-
     out = cfg.out
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; expected the demo's working folder")
@@ -50,14 +57,6 @@ def check_demo_folder(cfg: DemoConfig) -> None:
 
 
 def _data_step(cfg: DemoConfig):
-    from fklip.data.demo import (
-        DemoDataConfig,
-        check_demo_out,
-        demo_paths,
-        generate_demo,
-        load_demo_manifest,
-    )
-
     data_cfg = DemoDataConfig(out=cfg.data_dir, seed=cfg.seed)
     if check_demo_out(data_cfg, overwrite=True):  # the demo's own data: regenerated when the settings differ
         return demo_paths(cfg.data_dir, data_cfg.size), load_demo_manifest(cfg.data_dir), "reused"
@@ -65,19 +64,8 @@ def _data_step(cfg: DemoConfig):
     return paths, load_demo_manifest(cfg.data_dir), "generated"
 
 
-def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
-    """Run every step; return the rows of the closing table. Writes under `cfg.out`.
-
-    `export_fn` (export.pipeline.run_export) and `make_encoder` (engines.encoder.encoder_from_config)
-    come from the CLI, which is the only place that imports export/ and engines/; without them the
-    export and the onnx evaluation are skipped."""
-    import torch
-
-    from fklip.config import EncodeConfig, EvalConfig, SearchConfig, TrainConfig
-    from fklip.eval_pipeline import run_eval
-    from fklip.model import ModelSpec, build_model, count_parameters, save_checkpoint
-    from fklip.train import run_train
-
+def run_demo(cfg: DemoConfig) -> list[Row]:
+    """Run every step; return the rows of the closing table. Writes under `cfg.out`."""
     device = check_device(cfg.device)
     check_demo_folder(cfg)
     rows: list[Row] = []
@@ -137,13 +125,9 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
                     f"{before['mean_recall']:.1f} -> {after['mean_recall']:.1f} ({gain:+.1f}); "
                     f"{cfg.out / 'eval'}", time.perf_counter() - t))
 
-    if export_fn is None or make_encoder is None:
-        return rows
-    from fklip.config import ExportConfig
-
     t = time.perf_counter()
     export_dir = cfg.out / "export"
-    manifest = export_fn(ExportConfig(checkpoint=trained, out=export_dir, parity_images=paths.val_images,
+    manifest = run_export(ExportConfig(checkpoint=trained, out=export_dir, parity_images=paths.val_images,
                                       parity_texts=paths.val_queries, overwrite=True))
     cosines = min(entry.parity.real.min_cosine for entry in manifest.towers.values())
     rows.append(Row("export", f"`fklip export` to ONNX: image.onnx, text.onnx, manifest.json; min cosine "
@@ -155,8 +139,7 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
     onnx_metrics = run_eval(EvalConfig(encode=encode, search=SearchConfig(device="cpu"),
                                        image_data=paths.val_images, text_data=paths.val_queries,
                                        image_standard_path=paths.val_gold, output_dir=cfg.out / "eval-onnx",
-                                       overwrite=True),
-                            make_encoder)
+                                       overwrite=True))
     same = _same_predictions(cfg.out / "eval", cfg.out / "eval-onnx")
     rows.append(Row("eval onnx", f"`fklip eval --engine onnx`: {_recalls(onnx_metrics)}; mean recall "
                     f"{onnx_metrics['mean_recall']:.1f} vs torch {after['mean_recall']:.1f}; {same}",
@@ -166,8 +149,6 @@ def run_demo(cfg: DemoConfig, export_fn=None, make_encoder=None) -> list[Row]:
 
 def _same_predictions(a: Path, b: Path) -> str:
     """How many queries got the same top-k list from both evaluations."""
-    from fklip.evaluate import OUTPUT_NAMES
-
     same = total = 0
     for name in ("text_predictions", "image_predictions"):
         lines_a = (a / OUTPUT_NAMES[name]).read_text().splitlines()

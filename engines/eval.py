@@ -12,20 +12,29 @@ import dataclasses
 import logging
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 
+from engines.encoder import EngineEncoder
+from fklip import __version__
 from fklip.config import EvalConfig, SearchConfig, check_device
+from fklip.data.archive import ImageArchive
+from fklip.data.features import write_features
+from fklip.data.jsonl import id_key, read_val_queries
 from fklip.distributed import (
     DistContext,
     gather_rows,
     process_group,
     shard_range,
 )
-from fklip.evaluate import (
+from fklip.errors import ConfigError
+from fklip.io import OutputSet, check_outputs, owned_name, remove_leftovers, write_json
+from fklip.predict import (
     OUTPUT_NAMES,
     check_targets,
     gold_from_image_file,
@@ -57,10 +66,6 @@ def available_memory() -> int:
 
 
 def environment(ctx: DistContext) -> dict:
-    import open_clip
-
-    from fklip import __version__
-
     env = {"fklip": __version__, "torch": str(torch.__version__), "open_clip": str(open_clip.__version__),
            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
            "device": ctx.device, "threads": torch.get_num_threads(), "world_size": ctx.world_size}
@@ -80,10 +85,6 @@ def _feature_buffer(n: int, dim: int, on_disk: bool, folder: Path, name: str) ->
 def _scratch(output_dir: Path):
     """A hidden folder in --output-dir for memory-mapped features, removed on any exit (and, after
     a kill, by the next evaluation there)."""
-    import shutil
-
-    from fklip.io import owned_name, remove_leftovers
-
     remove_leftovers(output_dir / "features")
     folder = owned_name(output_dir / "features", "partial")
     try:
@@ -107,9 +108,6 @@ def eval_outputs(cfg: EvalConfig) -> dict[str, Path]:
 def check_eval_outputs(cfg: EvalConfig) -> dict[str, Path]:
     """Before any work: --output-dir is a folder (or absent) without an earlier evaluation's files
     unless --overwrite, and none of its files is an input."""
-    from fklip.errors import ConfigError
-    from fklip.io import check_outputs
-
     out, outputs = cfg.output_dir, eval_outputs(cfg)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir {out} is a file; expected a folder")
@@ -124,20 +122,17 @@ def check_eval_outputs(cfg: EvalConfig) -> dict[str, Path]:
     return outputs
 
 
-def run_eval(cfg: EvalConfig, make_encoder=None) -> dict | None:
+def run_eval(cfg: EvalConfig) -> dict | None:
     """Run the evaluation; rank 0 returns the metrics dict (other ranks return None).
 
-    `make_encoder(encode_config, device)` gives what runs the model (the interface of
-    fklip.encode.TorchEncoder, the default: the checkpoint with plain PyTorch); the CLI passes
-    the engines' for --engine. `device` is this process's (cuda:LOCAL_RANK under torchrun).
+    The model runs on the engine `cfg.encode` names (engines.encoder), on this process's device
+    (cuda:LOCAL_RANK under torchrun).
     The outputs are checked before any work, claimed by rank 0 for the run (a second evaluation
     into the same files stops at once), and appear together at the end, or not at all.
     """
-    from fklip.io import OutputSet
-
     outputs = check_eval_outputs(cfg)
     with process_group(cfg.encode.device) as ctx, OutputSet(outputs.values() if ctx.is_main else []) as staged:
-        return _run(cfg, ctx, make_encoder, staged)
+        return _run(cfg, ctx, staged)
 
 
 def rank_search_config(search: SearchConfig, ctx: DistContext) -> SearchConfig:
@@ -149,11 +144,7 @@ def rank_search_config(search: SearchConfig, ctx: DistContext) -> SearchConfig:
     return search
 
 
-def _run(cfg: EvalConfig, ctx: DistContext, make_encoder, staged) -> dict | None:
-    from fklip.data.archive import ImageArchive
-    from fklip.data.jsonl import id_key, read_val_queries
-    from fklip.encode import TorchEncoder
-
+def _run(cfg: EvalConfig, ctx: DistContext, staged: OutputSet) -> dict | None:
     enc, started = cfg.encode, time.perf_counter()
     device = check_device(ctx.device)
     search_cfg = rank_search_config(cfg.search, ctx)
@@ -162,7 +153,7 @@ def _run(cfg: EvalConfig, ctx: DistContext, make_encoder, staged) -> dict | None
     queries = read_val_queries(cfg.text_data)  # refuses repeated query_ids
     with contextlib.ExitStack() as scratch_stack, contextlib.ExitStack() as stack:
         archive = stack.enter_context(ImageArchive(cfg.image_data))
-        encoder = stack.enter_context((make_encoder or TorchEncoder)(enc, device))
+        encoder = stack.enter_context(EngineEncoder(enc, device))
         archive.check_image_size(encoder.image_size, encoder.model_name)
         image_ids, text_ids = list(archive.ids), [q.query_id for q in queries]
         image_keys, text_keys = image_ids, [id_key(i) for i in text_ids]  # archive ids are strings
@@ -222,8 +213,6 @@ def _run(cfg: EvalConfig, ctx: DistContext, make_encoder, staged) -> dict | None
         i2t_result = write_score(target(OUTPUT_NAMES["image_score"]), image_gold, image_keys, text_keys, i2t,
                                  shown=out / OUTPUT_NAMES["image_score"])
         if cfg.save_features != "none":
-            from fklip.features import write_features
-
             ext = "jsonl" if cfg.save_features == "jsonl" else "npy"
             write_features(out / f"image_features.{ext}", image_ids, image_emb, id_field="image_id",
                            fmt=cfg.save_features, staged=staged)
@@ -249,7 +238,5 @@ def _run(cfg: EvalConfig, ctx: DistContext, make_encoder, staged) -> dict | None
                    "image_standard_path": str(cfg.image_standard_path) if cfg.image_standard_path else None},
         "environment": environment(ctx),
     }
-    from fklip.io import write_json
-
     write_json(staged.path(out / OUTPUT_NAMES["metrics"]), metrics)
     return metrics

@@ -5,7 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from engines.encoder import EngineEncoder
 from fklip.config import ExtractConfig, check_device
+from fklip.data.archive import ImageArchive
+from fklip.data.features import npy_ids_path, write_features
+from fklip.data.jsonl import read_text_queries
+from fklip.io import OutputSet, check_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +26,6 @@ def default_output(data_path: Path, kind: str, fmt: str) -> Path:
 
 def output_paths(cfg: ExtractConfig) -> dict[str, Path]:
     """Every file extract writes (flag -> path): the feature files, and the ids files of `.npy`."""
-    from fklip.features import npy_ids_path
-
     outputs = {}
     for kind, data, given, flag in (("image", cfg.image_data, cfg.image_output, "--image-feat-output-path"),
                                     ("text", cfg.text_data, cfg.text_output, "--text-feat-output-path")):
@@ -35,17 +38,10 @@ def output_paths(cfg: ExtractConfig) -> dict[str, Path]:
     return outputs
 
 
-def run_extract(cfg: ExtractConfig, make_encoder=None) -> list[dict]:
-    """Encode what the config asks for and write it; returns one summary dict per output.
-
-    `make_encoder(encode_config, device)` gives what runs the model (fklip.encode.TorchEncoder's
-    interface, the default); the CLI passes the engines' for `--engine`. The outputs are checked
-    against the inputs before any work and appear together at the end, or not at all."""
-    from fklip.data.archive import ImageArchive
-    from fklip.data.jsonl import read_text_queries
-    from fklip.encode import TorchEncoder
-    from fklip.io import OutputSet, check_outputs
-
+def run_extract(cfg: ExtractConfig) -> list[dict]:
+    """Encode what the config asks for with the engine it names and write it; returns one summary
+    dict per output. The outputs are checked against the inputs before any work and appear
+    together at the end, or not at all."""
     device = check_device(cfg.encode.device)
     outputs = output_paths(cfg)
     check_outputs(outputs, {"--image-data": cfg.image_data, "--text-data": cfg.text_data,
@@ -55,7 +51,7 @@ def run_extract(cfg: ExtractConfig, make_encoder=None) -> list[dict]:
     if cfg.text_data is not None:
         queries = read_text_queries(cfg.text_data)  # refuses repeated query_ids
     written = []
-    with OutputSet(outputs.values()) as staged, (make_encoder or TorchEncoder)(cfg.encode, device) as enc:
+    with OutputSet(outputs.values()) as staged, EngineEncoder(cfg.encode, device) as enc:
         if cfg.image_data is not None:
             out = outputs["--image-feat-output-path"]
             with ImageArchive(cfg.image_data) as archive:
@@ -72,13 +68,9 @@ def run_extract(cfg: ExtractConfig, make_encoder=None) -> list[dict]:
     return written
 
 
-def _write(staged, out: Path, ids, feats, id_field: str, cfg: ExtractConfig) -> None:
-    from fklip.features import write_features
-
+def _write(staged: OutputSet, out: Path, ids, feats, id_field: str, cfg: ExtractConfig) -> None:
     write_features(out, ids, feats, id_field=id_field, fmt=cfg.fmt, dtype=cfg.dtype, staged=staged)
 
 
 def _shown(out: Path, fmt: str) -> list[str]:
-    from fklip.features import npy_ids_path
-
     return [str(out)] + ([str(npy_ids_path(out))] if fmt == "npy" else [])
