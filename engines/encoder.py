@@ -11,12 +11,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engines.base import RunnerConfig, build_runner, tokenizer_for
-from engines.pipeline import encode_archive, encode_texts
+from engines.base import RunnerConfig, build_runner
 from export.manifest import ExportManifest, sha256_of
 from fklip.config import EncodeConfig
 from fklip.data.archive import ImageArchive
 from fklip.errors import ConfigError
+from fklip.pipeline import encode_archive, encode_texts
+from fklip.runner import tokenizer_for
 
 
 class EngineEncoder:

@@ -12,15 +12,10 @@ import logging
 
 import numpy as np
 
-from engines.base import (
-    RunnerConfig,
-    as_numpy,
-    images_in_encoding,
-    parse_device,
-    text_ids_from,
-)
+from engines.base import RunnerConfig, parse_device
 from export.manifest import ExportManifest
 from fklip.errors import ConfigError
+from fklip.runner import as_numpy, images_in_encoding, text_ids_from
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """The PyTorch runner: a checkpoint on a device, optionally compiled and replayed as CUDA graphs.
 
-It computes what `fklip.encode` computes (uint8 pixels normalised on the device by
-`model_input_from_batch`, texts through `encode_text_trimmed`), so it is the oracle the other
-runners are compared with, and the baseline their speed is measured against.
+Without options it computes what `fklip.runner.ModelRunner` computes (uint8 pixels normalised on
+the device by `model_input_from_batch`, texts cut after their last end token through
+`fklip.model.text_emb_cut`, the one `autocast` rule), so it is the oracle the other runners are
+compared with, and the baseline their speed is measured against.
 
 Fused towers (`fused=True`): the towers `fklip export` re-states (export.towers: one QKV
 projection per block, the last block at the pooled token only, F.scaled_dot_product_attention, causal for the text tower, so CUDA runs flash
@@ -26,42 +27,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.base import RunnerConfig, image_encoding_of, parse_device
+from engines.base import RunnerConfig, parse_device
+from export.towers import build_towers
+from fklip.data.archive import model_input_from_batch
 from fklip.errors import ConfigError, DataError
+from fklip.model import load_checkpoint, text_emb_cut, trimmable
+from fklip.runner import WEIGHT_DTYPES, autocast, image_encoding_of, prepare_model
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "amp", "bf16", "fp16")
 FUSED_PRECISIONS = ("fp32", "fp16", "bf16")
-WEIGHT_DTYPES = {"fp32": torch.float32, "amp": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAPH_WARMUP = 2
 GRAPH_LENGTH_BUCKET = 8  # CUDA graphs: text lengths rounded up to a multiple of this
-
-
-def _trimmable(model) -> bool:
-    """True for the causal, argmax-pooled CLIP text towers that `encode_text_trimmed` trims."""
-    from open_clip.model import CLIP
-
-    return (isinstance(model, CLIP) and model.text_pool_type == "argmax"
-            and getattr(model, "attn_mask", None) is not None)
-
-
-def _text_emb_cut(model, tokens: torch.Tensor) -> torch.Tensor:
-    """`encode_text_trimmed` for ids already cut after their last end token: (B, L) -> (B, D).
-
-    The same operations, without the host sync that finds L (CUDA graphs cannot capture one).
-    """
-    length = tokens.shape[1]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)  # (B, L, width)
-    pool = tokens.argmax(dim=-1)  # (B,) the end tokens
-    x = x[torch.arange(x.shape[0], device=x.device), pool]  # (B, width)
-    proj = model.text_projection
-    if proj is None:
-        return x
-    return proj(x) if hasattr(proj, "weight") else x @ proj
 
 
 class TorchRunner:
@@ -102,9 +80,6 @@ class TorchRunner:
     # ---- resources
 
     def __enter__(self) -> TorchRunner:  # noqa: PYI034 (typing.Self is Python 3.11+)
-        from fklip.encode import prepare_model
-        from fklip.model import load_checkpoint
-
         cfg = self.cfg
         ckpt = load_checkpoint(cfg.checkpoint, model_name=cfg.model, truncation=cfg.truncation,
                                trust=cfg.trust_checkpoint)
@@ -113,11 +88,9 @@ class TorchRunner:
         self.embed_dim, self.image_size, self.context_length = spec.embed_dim, spec.image_size, spec.context_length
         self._vocab_size = ckpt.model.token_embedding.num_embeddings
         self._dtype = WEIGHT_DTYPES[self.precision]
-        self._trim = _trimmable(ckpt.model)
+        self._trim = trimmable(ckpt.model)
         self.model = self._towers = None
         if cfg.fused:  # the towers take the checkpoint's own (fp32, CPU) weights, then move
-            from export.towers import build_towers
-
             towers = build_towers(ckpt.model, self.precision, attention="sdpa")
             self._towers = {name: t.to(self.device) for name, t in towers.items()}
         else:
@@ -156,15 +129,13 @@ class TorchRunner:
     # ---- the functions that run (and are compiled or captured)
 
     def _with_autocast(self, fn: Callable) -> Callable:
-        """`fn` under amp autocast (fp16 on CUDA, bf16 on the CPU), as fklip.encode runs it."""
+        """`fn` under `fklip.runner.autocast` (at amp: fp16 on CUDA, bf16 on the CPU)."""
         if self.precision != "amp":
             return fn
-        device_type = self.device.split(":")[0]
-        dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
 
         def run(x: torch.Tensor) -> torch.Tensor:
             # no autocast weight cache: a captured graph must not hold cast copies made outside it
-            with torch.autocast(device_type, dtype=dtype, cache_enabled=not self.cfg.cuda_graphs):
+            with autocast(self.precision, self.device, cache_enabled=not self.cfg.cuda_graphs):
                 return fn(x)
         return run
 
@@ -177,7 +148,7 @@ class TorchRunner:
         if self._towers is not None:
             return self._towers["text"](tokens)  # (B, D); cut or full, the tower is causal
         if self._trim:
-            return F.normalize(_text_emb_cut(self.model, tokens).float(), dim=-1)  # (B, D)
+            return F.normalize(text_emb_cut(self.model, tokens).float(), dim=-1)  # (B, D)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
     def _run(self, key: tuple, fn: Callable, x: torch.Tensor) -> np.ndarray:
@@ -214,8 +185,6 @@ class TorchRunner:
     @torch.no_grad()
     def encode_images(self, pixels) -> np.ndarray:
         """float32 (B, 3, S, S) or uint8 (B, S, S, 3) -> L2-normalised (B, D) float32."""
-        from fklip.data.archive import model_input_from_batch
-
         self._require_entered()
         x = torch.as_tensor(pixels)
         encoding = image_encoding_of(x, self.image_size)

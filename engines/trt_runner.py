@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import RunnerConfig, as_numpy, image_encoding_of, text_ids_from
+from engines.base import RunnerConfig
 from export.manifest import MANIFEST_NAME, TOWER_NAMES, ExportManifest
 from export.profiles import profiles_for
 from export.specs import ID_DTYPES, PRECISIONS, TowerSpec
@@ -31,6 +31,7 @@ from export.trt import (
     trt_logger,
 )
 from fklip.data.archive import model_input_from_batch, pixels_from_normalized
+from fklip.runner import as_numpy, image_encoding_of, text_ids_from
 from fklip.errors import ConfigError, DataError, FklipError, raise_collected
 
 logger = logging.getLogger(__name__)

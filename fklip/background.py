@@ -1,5 +1,5 @@
 """Producing items in a background thread: batch reading overlaps the work on the batches.
-Used by the feature pipeline (engines/pipeline.py) and by training's batch reading."""
+Used by the feature pipeline (fklip/pipeline.py) and by training's batch reading."""
 
 from __future__ import annotations
 

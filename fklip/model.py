@@ -151,34 +151,45 @@ def build_model(spec: ModelSpec):
     return model.eval()
 
 
+def trimmable(model) -> bool:
+    """True for the causal, argmax-pooled CLIP text towers whose positions after the end token
+    cannot change the features (`encode_text_trimmed`, `text_emb_cut`)."""
+    from open_clip.model import CLIP
+
+    return (isinstance(model, CLIP) and model.text_pool_type == "argmax"
+            and getattr(model, "attn_mask", None) is not None)
+
+
+def text_emb_cut(model, tokens):
+    """`model.encode_text` for ids already cut after the batch's last end token: (B, L) -> (B, D),
+    the text tower run over L positions only. No host sync (CUDA graphs can capture it)."""
+    import torch
+
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)  # (B, L, width)
+    pool = tokens.argmax(dim=-1)  # (B,) the end tokens, as open_clip's argmax pooling
+    x = x[torch.arange(x.shape[0], device=x.device), pool]  # (B, width)
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if hasattr(proj, "weight") else x @ proj
+
+
 def encode_text_trimmed(model, tokens, device=None):
     """`model.encode_text(tokens)` computed over the first L positions only, L = the last pooling
     position in the batch (+1). The text tower is causal and pools at the largest token id (the
     end-of-text token), so later positions cannot change the result: same features, a fraction of
     the work for short texts such as "a photo of t-shirt". Other towers fall back to encode_text.
 
-    With `device`, `tokens` may be on the host: L is found there and only the cut ids are copied,
-    so the caller does not wait for the device to finish its queued work to learn L."""
-    import torch
-    from open_clip.model import CLIP
-
-    mask = getattr(model, "attn_mask", None)
-    if not isinstance(model, CLIP) or model.text_pool_type != "argmax" or mask is None:
+    With `device`, `tokens` may be on the host: L is found there and only the cut ids are copied
+    (non_blocking: the copy need not wait for the device's queued work)."""
+    if not trimmable(model):
         return model.encode_text(tokens if device is None else tokens.to(device))
-    pool = tokens.argmax(dim=-1)  # (B,) the pooling positions, as open_clip's argmax pooling
-    length = int(pool.max()) + 1
-    tokens = tokens[:, :length]
-    if device is not None:  # non_blocking: a host-to-device copy need not wait for queued work
-        tokens, pool = tokens.to(device, non_blocking=True), pool.to(device, non_blocking=True)
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=mask[:length, :length])
-    x = model.ln_final(x)  # (B, L, width)
-    x = x[torch.arange(x.shape[0], device=x.device), pool]  # (B, width)
-    proj = model.text_projection
-    if proj is None:
-        return x
-    return proj(x) if hasattr(proj, "weight") else x @ proj
+    tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
+    return text_emb_cut(model, tokens if device is None else tokens.to(device, non_blocking=True))
 
 
 def count_parameters(model) -> int:

@@ -224,7 +224,7 @@ def test_a_nan_image_names_the_archive_and_the_image(tmp_path, small_demo, tiny_
 
 
 def test_plain_encoding_names_non_finite_images(tmp_path, small_demo, tiny_model):
-    """fklip.encode (the knowledge refresh's path) checks as the pipeline does,
+    """fklip.encode (the knowledge refresh's path, through the pipeline) checks,
     and tells NaN pixels from a model that gives NaN on finite ones."""
     import copy
 

@@ -1,4 +1,8 @@
-"""Every runner against the plain PyTorch path (`fklip.encode`), through the batched pipeline.
+"""Every runner against the plain PyTorch path, through the batched pipeline.
+
+The oracle is plain open_clip written out here (`plain_images`, `plain_texts`: `model.encode_image`
+on the normalised pixels, `model.encode_text` over the full context, batch by batch), not fklip's
+own encoding code.
 
 fklip-tiny everywhere (two exports: float32 pixels with int32 ids, uint8 pixels with int64 ids,
 both with a max batch of 16 so that a batch of 64 is split); ViT-B-32 with random weights in the
@@ -14,8 +18,9 @@ import threading
 import numpy as np
 import pytest
 
-from engines import pipeline
-from engines.base import BACKENDS, RunnerConfig, build_runner, tokenizer_for
+from engines.base import BACKENDS, RunnerConfig, build_runner
+from fklip import pipeline
+from fklip.runner import tokenizer_for
 from fklip.errors import ConfigError, DataError, FklipError, MissingDependencyError
 
 BATCH_SIZES = (1, 7, 64)
@@ -31,6 +36,62 @@ def _cuda() -> bool:
 
 
 needs_cuda = pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU; torch sees none")
+
+
+def plain_images(model, archive, batch: int, device: str = "cpu", precision: str = "fp32", image_ids=None):
+    """The slow oracle: open_clip's `encode_image` on each batch's CLIP-normalised pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    from fklip.data.archive import CLIP_MEAN, CLIP_STD
+
+    ids = list(archive.ids if image_ids is None else image_ids)
+    dtype = next(model.parameters()).dtype
+    out = []
+    for start in range(0, len(ids), batch):
+        x = torch.from_numpy(np.array(archive.read_batch(ids[start:start + batch])))
+        if x.dtype == torch.uint8:  # (B, H, W, 3) pixels -> (B, 3, H, W), normalised
+            x = x.permute(0, 3, 1, 2).float() / 255
+            x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        with _plain_autocast(precision, device):
+            emb = model.encode_image(x.to(device, dtype))
+        out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def plain_texts(model, tokenizer, texts, batch: int, device: str = "cpu", precision: str = "fp32"):
+    """The slow oracle: open_clip's `encode_text` over the full context, batch by batch."""
+    import torch.nn.functional as F
+
+    out = []
+    for start in range(0, len(texts), batch):
+        with _plain_autocast(precision, device):
+            emb = model.encode_text(tokenizer(texts[start:start + batch]).to(device))
+        out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def _plain_autocast(precision: str, device: str):
+    import contextlib
+
+    import torch
+
+    if precision != "amp":
+        return contextlib.nullcontext()
+    cuda = device.startswith("cuda")
+    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.bfloat16)
+
+
+def _plain_model(checkpoint, device: str = "cpu", precision: str = "fp32"):
+    import torch
+
+    from fklip.model import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.model.to(device).eval()
+    if precision in ("bf16", "fp16"):
+        model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return ckpt, model
 
 
 def _skip_unless_trt() -> None:
@@ -103,7 +164,7 @@ def _tolerance(export, tower: str, section: str = "towers") -> dict:
     return entries[tower].parity.tolerance.as_dict()
 
 
-# ---- fixtures: one checkpoint, two exports, two archives, references from fklip.encode
+# ---- fixtures: one checkpoint, two exports, two archives, the plain oracle
 
 
 @pytest.fixture(scope="module")
@@ -121,41 +182,39 @@ def tiny_archives(tiny_spec, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint, tiny_archives):
-    """The plain PyTorch path on the checkpoint: features per archive encoding, and of texts."""
+    """The plain PyTorch oracle on the checkpoint: features per archive encoding, and of texts."""
     from fklip.data.archive import ImageArchive
-    from fklip.encode import encode_archive, encode_texts, prepare_model
-    from fklip.model import build_tokenizer, load_checkpoint
+    from fklip.model import build_tokenizer
 
-    ckpt = load_checkpoint(tiny_checkpoint)
-    model = prepare_model(ckpt.model, "cpu", "fp32")
+    ckpt, model = _plain_model(tiny_checkpoint)
     out = {}
     for encoding, path in tiny_archives.items():
         with ImageArchive(path) as archive:
-            out[encoding] = encode_archive(model, archive, 256)
-    out["texts"] = encode_texts(model, build_tokenizer(ckpt.spec), _texts(N_IMAGES), 256)
+            out[encoding] = plain_images(model, archive, 256)
+    out["texts"] = plain_texts(model, build_tokenizer(ckpt.spec), _texts(N_IMAGES), 256)
     return out
 
 
-def test_plain_path_reads_ahead_to_the_same_features(tiny_checkpoint, tiny_archives, reference, monkeypatch):
-    """fklip.encode.encode_archive with the next batches read in a background thread (the CUDA
-    default; here forced on the CPU): the same features, in the same order, both encodings."""
+def test_model_runner_reads_ahead_to_the_plain_features(tiny_checkpoint, tiny_archives, reference, monkeypatch):
+    """fklip.encode (ModelRunner through the pipeline, what the knowledge refresh runs): the next
+    batches are read in a background thread; the features are the plain oracle's, both encodings."""
     import threading
 
     from fklip.data.archive import ImageArchive
-    from fklip.encode import encode_archive, prepare_model
-    from fklip.model import load_checkpoint
+    from fklip.encode import encode_archive, encode_texts
+    from fklip.model import build_tokenizer
 
-    model = prepare_model(load_checkpoint(tiny_checkpoint).model, "cpu", "fp32")
+    ckpt, model = _plain_model(tiny_checkpoint)
     for encoding, path in tiny_archives.items():
         with ImageArchive(path) as archive:  # batch 16: several batches, a partial last one
-            want = encode_archive(model, archive, 16, read_ahead=False)
             readers, read = [], archive.read_batch
             monkeypatch.setattr(archive, "read_batch", lambda *a, readers=readers, read=read, **k: readers.append(
                 threading.current_thread().name) or read(*a, **k))
-            got = encode_archive(model, archive, 16, read_ahead=True)
-        np.testing.assert_array_equal(got, want)
+            got = encode_archive(model, archive, 16)
         assert readers == ["fklip-batches"] * -(-N_IMAGES // 16)  # every batch read in the background
         assert_within(got, reference[encoding], {"min_cosine": 0.99999, "max_abs": 1e-6})
+    texts = encode_texts(model, build_tokenizer(ckpt.spec), _texts(N_IMAGES), 16)
+    assert_within(texts, reference["texts"], {"min_cosine": 0.99999, "max_abs": 1e-6})
 
 
 def test_every_backend_has_a_case():
@@ -206,21 +265,19 @@ def test_results_do_not_depend_on_the_batch_size(backend, tiny_checkpoint, tiny_
 @pytest.mark.parametrize("precision", ["amp", "bf16"])
 def test_torch_precisions_match_the_plain_path(precision, tiny_checkpoint, tiny_archives):
     from fklip.data.archive import ImageArchive
-    from fklip.encode import encode_archive, encode_texts, prepare_model
-    from fklip.model import build_tokenizer, load_checkpoint
+    from fklip.model import build_tokenizer
 
-    ckpt = load_checkpoint(tiny_checkpoint)
-    model = prepare_model(ckpt.model, "cpu", precision)
+    ckpt, model = _plain_model(tiny_checkpoint, "cpu", precision)
     texts = _texts(20)
     with build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, precision=precision, threads=1)) as runner, \
             ImageArchive(tiny_archives["uint8_hwc"]) as archive:
         ids = archive.ids[:20]
         images = pipeline.encode_archive(runner, archive, 7, image_ids=ids)
-        ref = encode_archive(model, archive, 7, image_ids=ids, precision=precision)
+        ref = plain_images(model, archive, 7, precision=precision, image_ids=ids)
         got = pipeline.encode_texts(runner, tokenizer_for(runner), texts, 7)
     tol = {"min_cosine": 0.9999, "max_abs": 1e-2}  # bf16 rounding may differ with the batch's length
     assert_within(images, ref, tol)
-    assert_within(got, encode_texts(model, build_tokenizer(ckpt.spec), texts, 7, precision=precision), tol)
+    assert_within(got, plain_texts(model, build_tokenizer(ckpt.spec), texts, 7, precision=precision), tol)
 
 
 @pytest.mark.parametrize("ids_dtype", [np.int32, np.int64])
@@ -276,7 +333,7 @@ class RowRunner:
         self.image_size, self.fail_at, self.calls, self.inputs = image_size, fail_at, 0, []
 
     def encode_images(self, pixels) -> np.ndarray:
-        from engines.base import as_numpy, images_in_encoding
+        from fklip.runner import as_numpy, images_in_encoding
 
         self.calls += 1
         self.inputs.append((type(pixels).__name__, str(pixels.dtype)))
@@ -286,7 +343,7 @@ class RowRunner:
         return np.stack([x[:, 0, 0, 0], x[:, 1, 5, 7], x[:, 2, -1, -1], x[:, 0, 3, 2]], 1)
 
     def encode_texts(self, ids) -> np.ndarray:
-        from engines.base import as_numpy
+        from fklip.runner import as_numpy
 
         ids = as_numpy(ids)
         return np.stack([ids[:, 1], ids[:, 2], ids.argmax(1), (ids > 0).sum(1)], 1).astype(np.float32)
@@ -606,22 +663,20 @@ def test_torch_compile_matches_eager(tiny_checkpoint, tiny_archives, reference):
                                      {"fused": True, "precision": "bf16", "compile": True}])
 def test_torch_cuda_matches_the_plain_path_on_cuda(options, tiny_checkpoint, tiny_archives):
     from fklip.data.archive import ImageArchive
-    from fklip.encode import encode_archive, encode_texts, prepare_model
-    from fklip.model import build_tokenizer, load_checkpoint
+    from fklip.model import build_tokenizer
 
-    ckpt = load_checkpoint(tiny_checkpoint)
     precision = options.get("precision", "fp32")
     ref_precision = "fp32" if options.get("fused") else precision  # fused: against open_clip in fp32
-    model = prepare_model(ckpt.model, "cuda", ref_precision)
+    ckpt, model = _plain_model(tiny_checkpoint, "cuda", ref_precision)
     tol = {"min_cosine": 0.99999, "max_abs": 1e-4} if precision == "fp32" else {"min_cosine": 0.999, "max_abs": 2e-2}
     texts = _texts(N_IMAGES)
     with build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, device="cuda", **options)) as runner:
         for encoding in ("uint8_hwc", "float32_chw"):
             with ImageArchive(tiny_archives[encoding]) as archive:
-                ref = encode_archive(model, archive, 256, "cuda", precision=ref_precision)
+                ref = plain_images(model, archive, 256, "cuda", precision=ref_precision)
                 for batch_size in BATCH_SIZES:
                     assert_within(pipeline.encode_archive(runner, archive, batch_size), ref, tol)
-        ref = encode_texts(model, build_tokenizer(ckpt.spec), texts, 256, "cuda", precision=ref_precision)
+        ref = plain_texts(model, build_tokenizer(ckpt.spec), texts, 256, "cuda", precision=ref_precision)
         for batch_size in (7, 64):
             assert_within(pipeline.encode_texts(runner, tokenizer_for(runner), texts, batch_size), ref, tol)
         if options.get("cuda_graphs"):
@@ -700,13 +755,12 @@ def vit_b32(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_b32_reference(vit_b32):
     from fklip.data.archive import ImageArchive
-    from fklip.encode import encode_archive, encode_texts
-    from fklip.model import build_tokenizer, load_checkpoint
+    from fklip.model import build_tokenizer
 
-    ckpt = load_checkpoint(vit_b32["checkpoint"])
+    ckpt, model = _plain_model(vit_b32["checkpoint"])
     with ImageArchive(vit_b32["archives"]["uint8_hwc"]) as archive:
-        images = encode_archive(ckpt.model, archive, 64)
-    texts = encode_texts(ckpt.model, build_tokenizer(ckpt.spec), _texts(9), 64)
+        images = plain_images(model, archive, 64)
+    texts = plain_texts(model, build_tokenizer(ckpt.spec), _texts(9), 64)
     return {"images": images, "texts": texts}
 
 

@@ -6,8 +6,9 @@ CUDA device, image batches are read straight into pinned host memory (in READ_TH
 so the copy to the device is asynchronous; for runners that take device tensors (torch), the
 reading thread issues that copy itself on a side stream, so batch i+1 crosses the bus while batch
 i computes. uint8 pixels travel as uint8 and the runner normalises them. Results are
-written in input order into the caller's array (which may be an np.memmap), as `fklip.encode`
-does for the plain PyTorch path.
+written in input order into the caller's array (which may be an np.memmap). Every runner goes
+through it: the engines' torch, onnxruntime and TensorRT runners for `fklip eval` and `fklip
+extract`, and `fklip.runner.ModelRunner` for training's knowledge refresh and validation.
 """
 
 from __future__ import annotations
@@ -18,16 +19,48 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from engines.base import Runner, check_tokenizer
 from fklip.background import in_background
 from fklip.data.archive import ImageArchive
-from fklip.encode import alloc_features, check_finite_images
-from fklip.errors import ConfigError
+from fklip.errors import ConfigError, DataError, preview
+from fklip.runner import Runner, check_tokenizer
 
 logger = logging.getLogger(__name__)
 
 READ_THREADS = 4  # threads copying one pinned batch out of the archive (see _read_batches)
+
+
+def alloc_features(n: int, dim: int, out: np.ndarray | None) -> np.ndarray:
+    """`out` (checked to be (n, dim)), or a new float32 (n, dim) array when it is None."""
+    if out is None:
+        return np.empty((n, dim), np.float32)
+    if out.shape != (n, dim):
+        raise ValueError(f"output array has shape {out.shape}, expected {(n, dim)}")
+    return out
+
+
+def check_finite_images(emb: np.ndarray, archive: ImageArchive, ids: Sequence) -> None:
+    """Raise DataError naming the archive and the images whose feature rows are not finite.
+
+    `emb` (B, D) holds the features of `ids` (B ids). Unchecked, a NaN image stops the search or
+    the feature writer later, naming a row number instead of the archive and the image; one pass
+    over the batch's features costs far less than encoding it."""
+    finite = np.isfinite(emb).all(axis=1)  # (B,)
+    if finite.all():
+        return
+    bad = [ids[i] for i in np.flatnonzero(~finite)]
+    bad_pixels = [i for i in bad if not np.isfinite(archive.read(i)).all()]  # only the few bad rows read again
+    what = f"image {bad[0]!r} gives" if len(bad) == 1 else f"{len(bad)} images ({preview(bad)}) give"
+    if len(bad_pixels) == len(bad):
+        why = "its pixels hold NaN or inf" if len(bad) == 1 else "their pixels hold NaN or inf"
+    elif bad_pixels:
+        why = f"the pixels of {preview(bad_pixels)} hold NaN or inf; the others' are finite"
+    else:  # NaN weights, or an overflow in fp16
+        why = (f"{'its pixels are' if len(bad) == 1 else 'their pixels are all'} finite: the model gives "
+               "NaN or inf (NaN weights, or an overflow at a low precision)")
+    raise DataError(f"{archive.path}: {what} non-finite features ({why})")
 
 
 def _store(out: np.ndarray, rows: slice | np.ndarray, emb: np.ndarray, n: int) -> None:
@@ -75,8 +108,6 @@ def encode_archive(runner: Runner, archive: ImageArchive, batch_size: int = 256,
                    image_ids: Sequence | None = None, out: np.ndarray | None = None,
                    progress: bool = False) -> np.ndarray:
     """L2-normalised image features (N, D) float32, in archive order (or `image_ids` order)."""
-    from tqdm import tqdm
-
     _check_batch_size(batch_size)
     ids = list(archive.ids if image_ids is None else image_ids)
     archive.check_image_size(runner.image_size, runner.model_name)
@@ -102,8 +133,6 @@ def encode_archive(runner: Runner, archive: ImageArchive, batch_size: int = 256,
 def _uploaded(batches: Iterable[tuple[int, object]], device: str) -> Iterator[tuple[int, tuple]]:
     """(row, (device tensor, copy-done event)) for pinned (row, batch) pairs: each copy is issued
     on a side stream in the reading thread, so batch i+1 crosses the bus while batch i computes."""
-    import torch
-
     stream = torch.cuda.Stream(device=device)
     for row, batch in batches:
         with torch.cuda.stream(stream):
@@ -115,8 +144,6 @@ def _uploaded(batches: Iterable[tuple[int, object]], device: str) -> Iterator[tu
 
 def _ready_on_device(x, done):
     """Make the current stream wait for `x`'s copy, and tell the allocator `x` is used there."""
-    import torch
-
     stream = torch.cuda.current_stream(x.device)
     stream.wait_event(done)
     x.record_stream(stream)
@@ -135,24 +162,27 @@ def batches_by_length(ids: np.ndarray, batch_size: int, start: int = 0) -> Itera
         yield start + rows, ids[rows]
 
 
-def _tokenize_batches(tokenizer, texts: Sequence[str], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(rows, ids) pairs: batches of captions of similar token length, with their input rows.
+def _tokenize_batches(tokenizer, texts: Sequence[str], batch_size: int,
+                      by_length: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows, ids) pairs: batches of captions, with their input rows.
 
-    Within each chunk of SORT_CHUNK_BATCHES batches the captions are ordered by token length
-    (stable), so a batch cut after its last end token carries little padding; memory stays at
-    one chunk of token ids.
+    With `by_length`, within each chunk of SORT_CHUNK_BATCHES batches the captions are ordered by
+    token length (stable), so a batch cut after its last end token carries little padding;
+    without, batches keep the input order. Memory stays at one chunk of token ids.
     """
     chunk = batch_size * SORT_CHUNK_BATCHES
     for start in range(0, len(texts), chunk):
         ids = tokenizer(list(texts[start:start + chunk])).numpy()  # (C, context) int64
-        yield from batches_by_length(ids, batch_size, start)
+        if by_length:
+            yield from batches_by_length(ids, batch_size, start)
+        else:
+            for b in range(0, len(ids), batch_size):
+                yield np.arange(start + b, start + min(b + batch_size, len(ids))), ids[b:b + batch_size]
 
 
 def _encode_batches(runner: Runner, batches: Iterable[tuple[np.ndarray, np.ndarray]], out: np.ndarray,
                     desc: str, progress: bool) -> np.ndarray:
     """Run (rows, ids) batches (read one ahead in the background) into `out`'s rows."""
-    from tqdm import tqdm
-
     with tqdm(total=len(out), desc=desc, unit="text", disable=not progress) as bar, \
             in_background(batches) as ready:
         for rows, ids in ready:
@@ -162,17 +192,20 @@ def _encode_batches(runner: Runner, batches: Iterable[tuple[np.ndarray, np.ndarr
 
 
 def encode_texts(runner: Runner, tokenizer, texts: Sequence[str], batch_size: int = 256,
-                 out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+                 out: np.ndarray | None = None, progress: bool = False, by_length: bool = True) -> np.ndarray:
     """L2-normalised text features (N, D) float32, in the order given.
 
-    `tokenizer` must be the runner's model's (`engines.base.tokenizer_for(runner)`). Batches are
-    formed from captions of similar length (see `_tokenize_batches`); each row's features do not
-    depend on the others in its batch, so only the speed changes.
+    `tokenizer` must be the runner's model's (`fklip.runner.tokenizer_for(runner)`). By default
+    batches are formed from captions of similar length (see `_tokenize_batches`): a row's features
+    do not depend on the other rows of its batch beyond the last bits of float32 (a batch's
+    length changes how the matrix products are blocked); `by_length=False` keeps the input order,
+    as training's knowledge refresh does, so its features are those of the batches it always had.
     """
     _check_batch_size(batch_size)
     check_tokenizer(runner, tokenizer)
     out = alloc_features(len(texts), runner.embed_dim, out)
-    return _encode_batches(runner, _tokenize_batches(tokenizer, texts, batch_size), out, "encode texts", progress)
+    batches = _tokenize_batches(tokenizer, texts, batch_size, by_length)
+    return _encode_batches(runner, batches, out, "encode texts", progress)
 
 
 def encode_ids(runner: Runner, ids: np.ndarray, batch_size: int = 256, out: np.ndarray | None = None,
