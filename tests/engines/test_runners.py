@@ -41,6 +41,13 @@ needs_cuda = pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU; torch see
 def plain_images(model, archive, batch: int, device: str = "cpu", precision: str = "fp32", image_ids=None):
     """The slow oracle: open_clip's `encode_image` on each batch's CLIP-normalised pixels."""
     import torch
+
+    with torch.no_grad():
+        return _plain_images(model, archive, batch, device, precision, image_ids)
+
+
+def _plain_images(model, archive, batch, device, precision, image_ids):
+    import torch
     import torch.nn.functional as F
 
     from fklip.data.archive import CLIP_MEAN, CLIP_STD
@@ -61,11 +68,12 @@ def plain_images(model, archive, batch: int, device: str = "cpu", precision: str
 
 def plain_texts(model, tokenizer, texts, batch: int, device: str = "cpu", precision: str = "fp32"):
     """The slow oracle: open_clip's `encode_text` over the full context, batch by batch."""
+    import torch
     import torch.nn.functional as F
 
     out = []
     for start in range(0, len(texts), batch):
-        with _plain_autocast(precision, device):
+        with _plain_autocast(precision, device), torch.no_grad():
             emb = model.encode_text(tokenizer(texts[start:start + batch]).to(device))
         out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
     return np.concatenate(out)
