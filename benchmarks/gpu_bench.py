@@ -281,8 +281,8 @@ def text_section(args, tmp: Path) -> dict:
 def cut_vs_full(model, ids: np.ndarray, args, device: str) -> dict:
     """The fused text tower (fp16 on CUDA, fp32 here) on 77 positions and cut after each batch's
     last end token (batches grouped by length): speed-up and the largest feature difference."""
-    from fklip.pipeline import batches_by_length
     from export.towers import TextTower
+    from fklip.pipeline import batches_by_length
 
     precision = "fp16" if device.startswith("cuda") else "fp32"
     tower = TextTower(model.float().cpu(), precision, attention="sdpa").eval().to(device)

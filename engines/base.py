@@ -52,13 +52,3 @@ def runner_class(backend: str):
 def build_runner(cfg: RunnerConfig) -> Runner:
     """The runner for `cfg.backend` (enter it with `with` to load the model or engine)."""
     return runner_class(cfg.backend)(cfg)
-
-
-def parse_device(device: str) -> tuple[str, int | None]:
-    """"cpu" -> ("cpu", None); "cuda" / "cuda:N" -> ("cuda", N); anything else: ConfigError."""
-    if device == "cpu":
-        return "cpu", None
-    kind, _, index = device.partition(":")
-    if kind == "cuda" and (index == "" or index.isdigit()):
-        return "cuda", int(index or 0)
-    raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")

@@ -17,8 +17,22 @@ import torch
 
 from engines.eval import run_eval
 from export.pipeline import run_export
-from fklip.config import DemoConfig, EncodeConfig, EvalConfig, ExportConfig, SearchConfig, TrainConfig, check_device
-from fklip.data.demo_dataset import DemoDataConfig, check_demo_out, demo_paths, generate_demo, load_demo_manifest
+from fklip.config import (
+    DemoConfig,
+    EncodeConfig,
+    EvalConfig,
+    ExportConfig,
+    SearchConfig,
+    TrainConfig,
+    check_device,
+)
+from fklip.data.demo_dataset import (
+    DemoDataConfig,
+    check_demo_out,
+    demo_paths,
+    generate_demo,
+    load_demo_manifest,
+)
 from fklip.errors import ConfigError
 from fklip.model import ModelSpec, build_model, count_parameters, save_checkpoint
 from fklip.predict import OUTPUT_NAMES

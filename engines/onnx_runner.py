@@ -12,8 +12,9 @@ import logging
 
 import numpy as np
 
-from engines.base import RunnerConfig, parse_device
+from engines.base import RunnerConfig
 from export.manifest import ExportManifest
+from fklip.config import parse_device
 from fklip.errors import ConfigError
 from fklip.runner import as_numpy, images_in_encoding, text_ids_from
 

@@ -27,17 +27,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.base import RunnerConfig, parse_device
+from engines.base import RunnerConfig
 from export.towers import build_towers
+from fklip.config import check_device, parse_device
 from fklip.data.archive import model_input_from_batch
 from fklip.errors import ConfigError, DataError
 from fklip.model import load_checkpoint, text_emb_cut, trimmable
+from fklip.precision import ENCODE, FUSED, check_precision
 from fklip.runner import WEIGHT_DTYPES, autocast, image_encoding_of, prepare_model
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "amp", "bf16", "fp16")
-FUSED_PRECISIONS = ("fp32", "fp16", "bf16")
 GRAPH_WARMUP = 2
 GRAPH_LENGTH_BUCKET = 8  # CUDA graphs: text lengths rounded up to a multiple of this
 
@@ -54,23 +54,16 @@ class TorchRunner:
             where = (f"; {cfg.engine_dir} is an export folder, which --engine onnx or trt runs"
                      if cfg.engine_dir is not None else "")
             raise ConfigError(f"--engine torch runs a checkpoint: pass --checkpoint{where}")
-        if cfg.precision not in PRECISIONS:
-            raise ConfigError(f"--precision: the torch engine takes one of {', '.join(PRECISIONS)}, "
-                              f"got {cfg.precision!r}")
+        check_precision(cfg.precision, ENCODE, what="the torch engine")
         if cfg.int8:
             raise ConfigError("--int8 selects exported int8 graphs; use it with --engine onnx")
         if cfg.threads is not None and cfg.threads < 1:
             raise ConfigError(f"--threads: expected a positive number, got {cfg.threads}")
-        kind, index = parse_device(cfg.device)
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {cfg.device}: torch sees no CUDA device; use --device cpu")
-        if kind == "cuda" and index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {cfg.device}: only {torch.cuda.device_count()} CUDA devices")
+        kind, index = parse_device(check_device(cfg.device))
         if cfg.cuda_graphs and kind != "cuda":
             raise ConfigError("--cuda-graphs needs a CUDA device (--device cuda)")
-        if cfg.fused and cfg.precision not in FUSED_PRECISIONS:
-            raise ConfigError(f"--fused runs weights in one dtype: --precision "
-                              f"{' or '.join(FUSED_PRECISIONS)}, got {cfg.precision!r}")
+        if cfg.fused:
+            check_precision(cfg.precision, FUSED, what="--fused runs weights in one dtype")
         self.cfg = cfg
         self.device = "cpu" if kind == "cpu" else f"cuda:{index}"
         self.precision = cfg.precision

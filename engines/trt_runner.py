@@ -23,7 +23,7 @@ import torch
 from engines.base import RunnerConfig
 from export.manifest import MANIFEST_NAME, TOWER_NAMES, ExportManifest
 from export.profiles import profiles_for
-from export.specs import ID_DTYPES, PRECISIONS, TowerSpec
+from export.specs import ID_DTYPES, TowerSpec
 from export.trt import (
     device_facts,
     load_or_build_engine,
@@ -31,8 +31,9 @@ from export.trt import (
     trt_logger,
 )
 from fklip.data.archive import model_input_from_batch, pixels_from_normalized
-from fklip.runner import as_numpy, image_encoding_of, text_ids_from
 from fklip.errors import ConfigError, DataError, FklipError, raise_collected
+from fklip.precision import EXPORT
+from fklip.runner import as_numpy, image_encoding_of, text_ids_from
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def trt_problems(m: ExportManifest) -> list[str]:
     problems: list[str] = []
     if m.precision is None:
         problems.append("manifest.precision: expected str, got None")
-    elif m.precision not in PRECISIONS:
-        problems.append(f"precision: expected one of {', '.join(PRECISIONS)}, got {m.precision!r}")
+    elif m.precision not in EXPORT:
+        problems.append(f"precision: expected one of {', '.join(EXPORT)}, got {m.precision!r}")
     opt_batch, max_batch = m.profile.opt_batch, m.profile.max_batch
     if opt_batch is None:
         problems.append("profile.opt_batch: expected int, got None")

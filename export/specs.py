@@ -13,7 +13,6 @@ import numpy as np
 
 from fklip.errors import ConfigError
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 ID_DTYPES = ("int32", "int64")
 
 # The CLIP BPE tokenizer's special tokens (open_clip's SimpleTokenizer).

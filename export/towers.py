@@ -32,8 +32,9 @@ from torch import nn
 
 from fklip.data.archive import CLIP_MEAN, CLIP_STD
 from fklip.errors import ConfigError
+from fklip.precision import EXPORT, check_precision
+from fklip.runner import weight_dtype
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTIONS = ("explicit", "sdpa")
 # A finite stand-in for -inf in the causal mask: exp() of it underflows to exactly 0 in fp32,
 # like -inf, without relying on every runtime's handling of infinities.
@@ -203,7 +204,7 @@ class ImageTower(nn.Module):
             raise ConfigError("export: attention pooling is not supported")
         if visual.output_tokens:
             raise ConfigError("export: towers that output tokens are not supported")
-        self.dtype = DTYPES[precision]
+        self.dtype = weight_dtype(precision)
         self.uint8_input = uint8_input
         self.pool_type = visual.pool_type
         self.final_ln_after_pool = visual.final_ln_after_pool
@@ -281,7 +282,7 @@ class TextTower(nn.Module):
                               "fklip exports CLIP-style text towers")
         if model.text_pool_type != "argmax" or model.attn_mask is None:
             raise ConfigError("export: the text tower must be causal and pool at the end token")
-        self.dtype = DTYPES[precision]
+        self.dtype = weight_dtype(precision)
         self.token_embedding = copy.deepcopy(model.token_embedding)
         self.positional_embedding = nn.Parameter(model.positional_embedding.detach().clone())
         self.blocks = _blocks(model.transformer, attention, one_token_last=True)
@@ -323,8 +324,7 @@ def _cast_except_layernorm(module: nn.Module, dtype: torch.dtype) -> None:
 def build_towers(model, precision: str = "fp32", uint8_input: bool = False,
                  attention: str = "explicit") -> dict[str, nn.Module]:
     """{"image": ImageTower, "text": TextTower} in eval mode on the CPU."""
-    if precision not in DTYPES:
-        raise ConfigError(f"--precision: expected one of {', '.join(DTYPES)}, got {precision!r}")
+    check_precision(precision, EXPORT)
     model = model.float().cpu().eval()
     towers = {"image": ImageTower(model.visual, precision, uint8_input, attention),
               "text": TextTower(model, precision, attention)}

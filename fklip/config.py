@@ -6,28 +6,36 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fklip.errors import ConfigError
+from fklip.precision import BENCH, ENCODE, EXPORT, KNOWLEDGE, TRAIN, check_precision
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
-def check_device_name(device: str, flag: str = "--device") -> str:
-    """Validate the form of a device string (whether it exists is checked when it is used)."""
+def parse_device(device: str, flag: str = "--device") -> tuple[str, int | None]:
+    """"cpu" -> ("cpu", None); "cuda" / "cuda:N" -> ("cuda", N); anything else: ConfigError."""
     if not _DEVICE.match(device):
         raise ConfigError(f"{flag}: expected cpu, cuda or cuda:N, got {device!r}")
+    kind, _, index = device.partition(":")
+    return ("cpu", None) if kind == "cpu" else ("cuda", int(index or 0))
+
+
+def check_device_name(device: str, flag: str = "--device") -> str:
+    """Validate the form of a device string (whether it exists is checked when it is used)."""
+    parse_device(device, flag)
     return device
 
 
 def check_device(device: str, flag: str = "--device") -> str:
-    """Validate a device string and that it exists on this machine."""
-    check_device_name(device, flag)
-    if device.startswith("cuda"):
-        import torch
-
+    """The one device check: the form of the string, and that the device exists on this machine.
+    Every command and runner calls it (configs check the form alone, at the CLI edge)."""
+    kind, index = parse_device(device, flag)
+    if kind == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"{flag} {device}: no CUDA device is available here "
                               "(torch.cuda.is_available() is False); use --device cpu")
-        index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
             raise ConfigError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA devices")
     return device
@@ -62,14 +70,12 @@ class DemoConfig:
         return self.out / "data"
 
 
-PRECISIONS = ("fp32", "amp", "bf16", "fp16")
 ENGINES = ("torch", "onnx", "trt")
 
 
-def check_precision(precision: str, device: str, flag: str = "--precision") -> str:
+def check_encode_precision(precision: str, device: str, flag: str = "--precision") -> str:
     """fp32; amp (autocast: fp16 on CUDA, bf16 on CPU); bf16 or fp16 weights (fp16 needs CUDA)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{flag}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision, ENCODE, flag)
     if precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError(f"{flag} fp16 needs a CUDA device (fp16 matrix products are not supported "
                           "well on the CPU); use bf16 or amp with --device cpu")
@@ -97,7 +103,7 @@ class EncodeConfig:
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
-        check_precision(self.precision, self.device)
+        check_encode_precision(self.precision, self.device)
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine: expected one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "torch":
@@ -280,13 +286,11 @@ class TrainConfig:
         if self.seed < 0:
             raise ConfigError(f"--seed: expected a non-negative integer, got {self.seed}")
         check_device_name(self.device)
-        if self.precision not in ("amp", "amp_bf16", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"--precision: expected amp, amp_bf16, fp32, bf16 or fp16, got {self.precision!r}")
+        check_precision(self.precision, TRAIN)
         if self.precision in ("amp", "fp16") and not self.device.startswith("cuda"):
             raise ConfigError(f"--precision {self.precision} needs --device cuda (fp16 training with a "
                               "gradient scaler); on the CPU use fp32, bf16 or amp_bf16")
-        if self.knowledge_precision not in ("fp32", "amp"):
-            raise ConfigError(f"--knowledge-precision: expected fp32 or amp, got {self.knowledge_precision!r}")
+        check_precision(self.knowledge_precision, KNOWLEDGE, "--knowledge-precision")
         if self.report_to not in ("tensorboard", "none", ""):
             raise ConfigError(f"--report-to: expected tensorboard or none, got {self.report_to!r}")
         if self.resume is not None and self.openai_pretrained is not None:
@@ -341,8 +345,7 @@ class ExportConfig:
     overwrite: bool = False  # replace an earlier export in --out
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise ConfigError(f"--precision: expected fp32, fp16 or bf16, got {self.precision!r}")
+        check_precision(self.precision, EXPORT)
         if self.ids_dtype not in ("int32", "int64"):
             raise ConfigError(f"--ids-dtype: expected int32 or int64, got {self.ids_dtype!r}")
         check_positive(self.opt_batch, "--opt-batch")
@@ -354,7 +357,6 @@ class ExportConfig:
             raise ConfigError("--int8 quantises the fp32 graphs for CPU serving; use it with --precision fp32")
 
 
-BENCH_PRECISIONS = ("fp32", "amp", "fp16", "bf16", "int8")
 # device kind -> defaults of `fklip bench`: a couple of minutes on 2 CPU cores for ViT-B-32; the
 # issue's sizes on one GPU (batch 1024, top-k of 8,192 queries against 1,000,000 fp16 vectors)
 BENCH_DEFAULTS = {
@@ -435,8 +437,8 @@ class BenchConfig:
             problems.append(f"--k {self.k} is larger than --topk-gallery {self.topk_gallery}")
         problems += [f"--engine: expected one of {', '.join(ENGINES)}, got {e!r}" for e in self.engines
                      if e not in ENGINES]
-        problems += [f"--precision: expected one of {', '.join(BENCH_PRECISIONS)}, got {p!r}"
-                     for p in self.precisions if p not in BENCH_PRECISIONS]
+        problems += [f"--precision: expected one of {', '.join(BENCH)}, got {p!r}"
+                     for p in self.precisions if p not in BENCH]
         if not problems and self.engines:  # every pair the flags ask for cannot run: say why
             runnable = [(e, p) for e in self.engines for p in self.precisions
                         if bench_combo_problem(e, p, self.device) is None]

@@ -17,9 +17,16 @@ import numpy as np
 import torch
 
 from fklip.config import PredictConfig, SearchConfig
-from fklip.data.jsonl import Id, TextGold, ValQuery, id_key, read_image_gold, read_text_gold
-from fklip.errors import DataError, preview
 from fklip.data.features import check_same_dim, npy_ids_path, read_features
+from fklip.data.jsonl import (
+    Id,
+    TextGold,
+    ValQuery,
+    id_key,
+    read_image_gold,
+    read_text_gold,
+)
+from fklip.errors import DataError, preview
 from fklip.io import OutputSet, atomic_output, check_outputs, write_json
 from fklip.retrieval import (
     MissingPredictionError,

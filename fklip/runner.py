@@ -32,7 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fklip.data.archive import model_input_from_batch, normalized_from_pixels, pixels_from_normalized
+from fklip.data.archive import (
+    model_input_from_batch,
+    normalized_from_pixels,
+    pixels_from_normalized,
+)
 from fklip.errors import ConfigError, DataError
 from fklip.model import Tokenizer, text_emb_cut, trimmable
 

@@ -104,9 +104,9 @@ def _train_in(cfg: TrainConfig, ctx: DistContext, stop_after: int | None, stack:
 
     from fklip.data.archive import ImageArchive, model_input_from_batch
     from fklip.data.jsonl import read_train_queries
-    from fklip.runner import prepare_model
     from fklip.losses import ConceptLoss, ContrastiveLoss, combine, gather_with_grad
     from fklip.model import build_tokenizer, encode_text_trimmed
+    from fklip.runner import prepare_model
     from fklip.schedule import build_optimizer, clamp_logit_scale, cosine_lr, set_lr
     from fklip.train_data import TrainSet
     from fklip.train_eval import evaluate_val, load_val

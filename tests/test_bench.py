@@ -15,12 +15,12 @@ from engines.base import BACKENDS
 from fklip.cli import cli
 from fklip.config import (
     BENCH_DEFAULTS,
-    BENCH_PRECISIONS,
     ENGINES,
     BenchConfig,
     bench_combo_problem,
 )
 from fklip.errors import ConfigError, MissingDependencyError
+from fklip.precision import BENCH as BENCH_PRECISIONS
 from tests.conftest import run_fklip
 
 TINY = ["bench", "--model", "fklip-tiny", "--images", "8", "--texts", "12", "--batch", "4", "--repeats", "1",

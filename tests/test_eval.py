@@ -178,9 +178,9 @@ def test_eval_bad_inputs(tmp_path, small_demo, tiny_checkpoint):
 def test_search_runs_on_this_ranks_device_not_the_flags():
     """Under torchrun `--device cuda:0` means cuda:LOCAL_RANK for each rank; the search must go
     there too, not to the flag's device (every rank on GPU 0). One process keeps its own."""
+    from engines.eval import rank_search_config
     from fklip.config import SearchConfig
     from fklip.distributed import DistContext
-    from engines.eval import rank_search_config
 
     flag = SearchConfig(device="cuda:0")
     assert rank_search_config(flag, DistContext(rank=3, world_size=4, local_rank=3, device="cuda:3")).device == "cuda:3"

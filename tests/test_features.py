@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from fklip.data import features
+from fklip.data.features import (
+    Features,
+    check_same_dim,
+    npy_ids_path,
+    read_features,
+    write_features,
+)
 from fklip.errors import ConfigError, DataError, OutputError
-from fklip.data.features import Features, check_same_dim, npy_ids_path, read_features, write_features
 
 
 def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:

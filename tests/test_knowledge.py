@@ -15,11 +15,21 @@ import torch
 
 from fklip.data.jsonl import TrainQuery, read_train_queries
 from fklip.errors import ConfigError, DataError
-from fklip.knowledge import (PROMPT, RowLookup, Vocabulary, build_concept_table, concept_slots,
-                             data_concepts, kb_concepts, load_vocabulary, mmr, prototype_features,
-                             retrieve_concept_images, with_hypernyms)
+from fklip.knowledge import (
+    PROMPT,
+    RowLookup,
+    Vocabulary,
+    build_concept_table,
+    concept_slots,
+    data_concepts,
+    kb_concepts,
+    load_vocabulary,
+    mmr,
+    prototype_features,
+    retrieve_concept_images,
+    with_hypernyms,
+)
 from tests.conftest import HANG_S, ROOT, write_lines
-
 
 # ---- helpers ----
 
@@ -228,7 +238,11 @@ def test_load_vocabulary_rows_and_unknown_fathers(tmp_path):
 
 
 def test_load_vocabulary_on_demo_data(tmp_path):
-    from fklip.data.demo_dataset import DemoDataConfig, build_vocabularies, generate_demo
+    from fklip.data.demo_dataset import (
+        DemoDataConfig,
+        build_vocabularies,
+        generate_demo,
+    )
 
     paths = generate_demo(DemoDataConfig(out=tmp_path, train=8, val=4, kb=16, size=32))
     data, kb = build_vocabularies()

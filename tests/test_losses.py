@@ -16,8 +16,14 @@ import torch.nn.functional as F
 
 from fklip.distributed import DistContext
 from fklip.errors import ConfigError
-from fklip.losses import (ConceptLoss, ContrastiveLoss, combine, concept_weight, gather_with_grad,
-                          select_prototypes)
+from fklip.losses import (
+    ConceptLoss,
+    ContrastiveLoss,
+    combine,
+    concept_weight,
+    gather_with_grad,
+    select_prototypes,
+)
 from tests.conftest import HANG_S
 
 S, M, D, TOP = 5, 10, 8, 5

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from fklip.errors import CheckpointError, ConfigError
-from fklip.model import (MODEL_ALIASES, ModelSpec, Tokenizer, build_model, build_tokenizer,
-                         config_from_state_dict, load_checkpoint, save_checkpoint)
+from fklip.model import (
+    MODEL_ALIASES,
+    ModelSpec,
+    Tokenizer,
+    build_model,
+    build_tokenizer,
+    config_from_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 LONG = "oversized wool coat in charcoal grey " * 20  # far more than 75 BPE tokens
 

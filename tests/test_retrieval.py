@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from fklip.errors import ConfigError, DataError
-from fklip.retrieval import (MissingPredictionError, chunked, failure_json, recall_at_ks, score_json,
-                             topk_both_ways, topk_chunked, topk_reference)
+from fklip.retrieval import (
+    MissingPredictionError,
+    chunked,
+    failure_json,
+    recall_at_ks,
+    score_json,
+    topk_both_ways,
+    topk_chunked,
+    topk_reference,
+)
 from fklip.retrieval.chunked import _chunk_top_keys, _group_size, _top_keys
 from fklip.retrieval.codec import decode, keys_from, merge
 

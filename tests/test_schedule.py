@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from fklip.model import ModelSpec, build_model
-from fklip.schedule import LOGIT_SCALE_MAX, build_optimizer, clamp_logit_scale, cosine_lr, is_no_decay
+from fklip.schedule import (
+    LOGIT_SCALE_MAX,
+    build_optimizer,
+    clamp_logit_scale,
+    cosine_lr,
+    is_no_decay,
+)
 
 
 def test_cosine_lr_is_the_originals():

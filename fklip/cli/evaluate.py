@@ -6,7 +6,12 @@ from pathlib import Path
 
 import click
 
-from fklip.cli.options import echo_recalls, encode_config, encode_options, search_options
+from fklip.cli.options import (
+    echo_recalls,
+    encode_config,
+    encode_options,
+    search_options,
+)
 from fklip.errors import ConfigError
 
 
@@ -28,8 +33,8 @@ from fklip.errors import ConfigError
 def extract(extract_image_feats, extract_text_feats, image_data, text_data, image_feat_output_path,
             text_feat_output_path, fmt, dtype, overwrite, **encode) -> None:
     """Encode images and captions into feature files (the original's eval/extract_features.py)."""
-    from fklip.config import ExtractConfig
     from engines.extract import run_extract
+    from fklip.config import ExtractConfig
 
     for flag, wanted, data, data_flag in (("--extract-image-feats", extract_image_feats, image_data, "--image-data"),
                                           ("--extract-text-feats", extract_text_feats, text_data, "--text-data")):
@@ -64,8 +69,8 @@ def eval_command(image_data, text_data, image_standard_path, output_dir, save_fe
 
     Under torchrun, encoding and search are sharded across the processes and merged exactly.
     """
-    from fklip.config import EvalConfig, SearchConfig
     from engines.eval import run_eval
+    from fklip.config import EvalConfig, SearchConfig
 
     enc = encode_config(**encode)
     search = SearchConfig(top_k=top_k, query_chunk=query_chunk, gallery_chunk=gallery_chunk, device=enc.device)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from fklip.precision import EXPORT
+
 # ---------------------------------------------------------------- export
 
 
@@ -15,7 +17,7 @@ import click
               help="Export folder: image.onnx, text.onnx, manifest.json (and int8 graphs, engines).")
 @click.option("--onnx", "onnx_", is_flag=True, help="ONNX graphs (always written; the default).")
 @click.option("--trt", is_flag=True, help="Also TensorRT engines (needs the trt extra and a CUDA GPU).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(EXPORT), default="fp32", show_default=True,
               help="Compute precision written into the graphs; LayerNorm, softmax and the output norm stay fp32.")
 @click.option("--opt-batch", type=int, default=64, show_default=True, help="TensorRT profile: the batch to tune for.")
 @click.option("--max-batch", type=int, default=256, show_default=True,

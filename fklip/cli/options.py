@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from fklip.precision import ENCODE
+
 
 def encode_options(f):
     """Flags shared by the commands that run a checkpoint (the original's names where it had them)."""
@@ -29,7 +31,7 @@ def encode_options(f):
         click.option("--img-batch-size", "image_batch_size", type=int, default=256, show_default=True),
         click.option("--text-batch-size", type=int, default=256, show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(["fp32", "amp", "bf16", "fp16"]), default="fp32",
+        click.option("--precision", type=click.Choice(ENCODE), default="fp32",
                      show_default=True, help="fp32 is the original's; amp autocasts (fp16 on CUDA, bf16 on CPU)."),
         click.option("--truncation", type=click.Choice(["original", "openai"]), default=None,
                      help="Override the checkpoint's tokenizer truncation."),

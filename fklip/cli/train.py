@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from fklip.errors import ConfigError
+from fklip.precision import KNOWLEDGE, TRAIN
 
 
 @click.command()
@@ -63,9 +64,9 @@ from fklip.errors import ConfigError
 @click.option("--name", default=None, help="Run folder name under --logs.")
 @click.option("--overwrite", is_flag=True,
               help="Start a new run in an existing run folder, replacing what it holds (else resume it).")
-@click.option("--precision", type=click.Choice(["amp", "amp_bf16", "fp32", "bf16", "fp16"]), default="fp32",
+@click.option("--precision", type=click.Choice(TRAIN), default="fp32",
               show_default=True)
-@click.option("--knowledge-precision", type=click.Choice(["fp32", "amp"]), default="fp32", show_default=True,
+@click.option("--knowledge-precision", type=click.Choice(KNOWLEDGE), default="fp32", show_default=True,
               help="How the knowledge refresh encodes the KB images and concept prompts: fp32 (the "
                    "original's) or amp (fp16 autocast on CUDA, bf16 on the CPU).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (under torchrun: cuda).")

@@ -28,7 +28,14 @@ import numpy as np
 from tqdm import tqdm
 
 from fklip.data.archive import ENCODINGS, ArchiveWriter, normalized_from_pixels
-from fklip.data.garments import CATEGORIES, COLOURS, PATTERNS, SOLID_ONLY, Garment, draw_garment
+from fklip.data.garments import (
+    CATEGORIES,
+    COLOURS,
+    PATTERNS,
+    SOLID_ONLY,
+    Garment,
+    draw_garment,
+)
 from fklip.errors import ConfigError, DataError, raise_collected
 from fklip.io import staged_folder, write_json, write_jsonl
 

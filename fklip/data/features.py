@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from fklip.data.jsonl import Id, id_key, warn_blank_lines
-from fklip.errors import ConfigError, DataError, check_input_file, preview, raise_collected
+from fklip.errors import (
+    ConfigError,
+    DataError,
+    check_input_file,
+    preview,
+    raise_collected,
+)
 from fklip.io import OutputSet, atomic_output
 
 ID_FIELDS = ("image_id", "query_id")

@@ -13,10 +13,20 @@ The names below are the package's public surface: `from fklip.retrieval import t
 Importing the package does not import triton.
 """
 
-from fklip.retrieval.chunked import (SCORE_TILE, tile_sizes, topk_both_ways, topk_chunked,
-                                     topk_reference)
+from fklip.retrieval.chunked import (
+                                     SCORE_TILE,
+                                     tile_sizes,
+                                     topk_both_ways,
+                                     topk_chunked,
+                                     topk_reference,
+)
 from fklip.retrieval.inputs import METHODS, Gallery
-from fklip.retrieval.recall import MissingPredictionError, failure_json, recall_at_ks, score_json
+from fklip.retrieval.recall import (
+                                     MissingPredictionError,
+                                     failure_json,
+                                     recall_at_ks,
+                                     score_json,
+)
 
 __all__ = [
     "METHODS",

@@ -3,8 +3,13 @@ import zipfile
 import numpy as np
 import pytest
 
-from fklip.data.archive import (ArchiveWriter, ImageArchive, model_input_from_batch,
-                                normalized_from_pixels, pixels_from_normalized)
+from fklip.data.archive import (
+    ArchiveWriter,
+    ImageArchive,
+    model_input_from_batch,
+    normalized_from_pixels,
+    pixels_from_normalized,
+)
 from fklip.errors import DataError
 
 

@@ -9,12 +9,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fklip.data.archive import ImageArchive, normalized_from_pixels, pixels_from_normalized
-from fklip.data.demo_dataset import (DemoDataConfig, DemoPaths, build_vocabularies, demo_paths,
-                             generate_demo, load_demo_manifest)
-from fklip.data.garments import CATEGORIES, COLOURS, Garment, contrast_colour, draw_garment
-from fklip.data.jsonl import (read_concept_fathers, read_concept_queries, read_image_gold,
-                              read_train_queries, read_val_queries)
+from fklip.data.archive import (
+    ImageArchive,
+    normalized_from_pixels,
+    pixels_from_normalized,
+)
+from fklip.data.demo_dataset import (
+    DemoDataConfig,
+    DemoPaths,
+    build_vocabularies,
+    demo_paths,
+    generate_demo,
+    load_demo_manifest,
+)
+from fklip.data.garments import (
+    CATEGORIES,
+    COLOURS,
+    Garment,
+    contrast_colour,
+    draw_garment,
+)
+from fklip.data.jsonl import (
+    read_concept_fathers,
+    read_concept_queries,
+    read_image_gold,
+    read_train_queries,
+    read_val_queries,
+)
 from fklip.errors import ConfigError, DataError
 
 SMALL = dict(train=24, val=8, kb=16, size=32)

@@ -20,8 +20,8 @@ import pytest
 
 from engines.base import BACKENDS, RunnerConfig, build_runner
 from fklip import pipeline
-from fklip.runner import tokenizer_for
 from fklip.errors import ConfigError, DataError, FklipError, MissingDependencyError
+from fklip.runner import tokenizer_for
 
 BATCH_SIZES = (1, 7, 64)
 N_IMAGES = 70  # not a multiple of any batch size, and more than one max batch (16)
@@ -644,7 +644,7 @@ def test_fused_towers_match_the_plain_path(precision, tiny_checkpoint, tiny_arch
 
 
 def test_fused_towers_take_one_weight_dtype(tiny_checkpoint):
-    with pytest.raises(ConfigError, match="--fused runs weights in one dtype: --precision fp32 or fp16 or bf16"):
+    with pytest.raises(ConfigError, match=r"--precision: expected one of fp32, fp16, bf16 \(--fused runs weights in one dtype\)"):
         build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, fused=True, precision="amp"))
 
 
