@@ -14,7 +14,6 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +23,9 @@ import torch.nn.functional as F
 
 from fklip.background import in_background
 from fklip.config import TrainConfig, check_device
-from fklip.distributed import DistContext, gather_rows, process_group, shard_range
+from fklip.distributed import DistContext, process_group
 from fklip.errors import ConfigError, FklipError
+from fklip.knowledge import Knowledge, load_knowledge_inputs, refresh_knowledge
 from fklip.run_log import RunLog
 
 if TYPE_CHECKING:
@@ -36,20 +36,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingError(FklipError):
     """Training cannot go on (a NaN loss): the last good checkpoint is left as it was."""
-
-
-@dataclass
-class Knowledge:
-    """Retrieved concept images: per vocabulary, each concept's KB rows; and the KB features.
-    Row r of `retrieved[kind]` belongs to the vocabulary's r-th prompt (`Vocabulary.rows`)."""
-
-    kb_emb: torch.Tensor                 # (M, D) float32, L2-normalised
-    retrieved: dict[str, torch.Tensor]   # kind -> (C, 10) int64 rows into kb_emb, -1 padding
-
-    def to(self, device: str | torch.device) -> Knowledge:
-        """The same knowledge on `device`: on the training device, each step's prototype gather
-        (B, S, 10, D) runs there instead of on the host and crossing the bus every step."""
-        return Knowledge(self.kb_emb.to(device), {k: v.to(device) for k, v in self.retrieved.items()})
 
 
 def run_train(cfg: TrainConfig, stop_after: int | None = None) -> dict | None:
@@ -122,7 +108,8 @@ def _train_in(cfg: TrainConfig, ctx: DistContext, stop_after: int | None, stack:
     if cfg.is_concept:
         from fklip.knowledge import RowLookup
 
-        vocabs, tables, kb_archives = _load_knowledge_inputs(cfg, queries, spec, stack)
+        vocabs, tables, kb_archives = load_knowledge_inputs(queries, _vocabulary_files(cfg), cfg.img_data_sets,
+                                                            tokenizer, spec, stack)
         lookups = {kind: RowLookup(vocab.rows, device) for kind, (vocab, _) in vocabs.items()}
     train_set = TrainSet(queries, archive, tokenizer, tables)
     batches = train_set.batches_per_epoch(cfg.batch_size, ctx.world_size)
@@ -336,61 +323,14 @@ def _prototypes(knowledge: Knowledge, lookups: dict, batch, device: str) -> torc
     return torch.cat(parts, dim=1).to(device)
 
 
-@torch.no_grad()
-def refresh_knowledge(model, kb_archives, vocabs: dict, ctx: DistContext, batch_size: int,
-                      device: str, precision: str = "fp32") -> Knowledge:
-    """Encode every KB image and concept prompt with the current weights (fp32 weights, eval mode;
-    each rank a shard, gathered), then retrieve each concept's 20 nearest KB images over the WHOLE
-    KB and keep 10 by MMR (spec 3.3 with the stance of 6.7). precision "fp32" encodes as the
-    original does; "amp" under autocast (fp16 on CUDA, bf16 on the CPU). The knowledge is
-    returned on `device`, where training gathers from it."""
-    from fklip.encode import encode_archive, encode_texts
-    from fklip.knowledge import retrieve_concept_images
-
-    was_training = model.training
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    model.float()
-    parts = []
-    for archive, ids in kb_archives:
-        lo, hi = shard_range(len(ids), ctx.rank, ctx.world_size)
-        local = encode_archive(model, archive, batch_size, device, ids[lo:hi], precision=precision)
-        parts.append(gather_rows(torch.from_numpy(local), len(ids), ctx))
-    kb_emb = torch.cat(parts).to(device)  # (M, D)
-    retrieved = {}
-    for kind, (vocab, tok) in vocabs.items():
-        prompts = [text for _, text in vocab.prompts]
-        lo, hi = shard_range(len(prompts), ctx.rank, ctx.world_size)
-        local = encode_texts(model, tok, prompts[lo:hi], batch_size, device, precision=precision)
-        concept_emb = gather_rows(torch.from_numpy(local), len(prompts), ctx)  # (C, D)
-        retrieved[kind] = retrieve_concept_images(concept_emb.to(device), kb_emb)
-    model.to(dtype)
-    model.train(was_training)
-    return Knowledge(kb_emb, retrieved)
-
-
-def _load_knowledge_inputs(cfg: TrainConfig, queries, spec, stack: contextlib.ExitStack):
-    """Vocabularies, per-query concept tables and KB archives (ids de-duplicated across files)."""
-    from fklip.data.archive import ImageArchive
-    from fklip.knowledge import build_concept_table, load_vocabulary
-    from fklip.model import build_tokenizer
-
-    tokenizer = build_tokenizer(spec)
-    vocabs, tables = {}, {}
-    wanted = ([("data", cfg.txt_id_filename or cfg.concept_data, cfg.concept_fathers)] if cfg.is_data_concept else []) \
-        + ([("kb", cfg.kb_txt_id_filename or cfg.kb_concept_data, cfg.kb_concept_fathers)] if cfg.use_kb_concepts else [])
-    for kind, path, fathers in wanted:
-        vocab = load_vocabulary(path, fathers)
-        vocabs[kind] = (vocab, tokenizer)
-        tables[kind] = build_concept_table(queries, vocab, kind=kind)
-    kb_archives, seen = [], set()
-    for path in cfg.img_data_sets:
-        archive = stack.enter_context(ImageArchive(path))
-        archive.check_image_size(spec.image_size, spec.name)
-        ids = [i for i in archive.ids if i not in seen]
-        seen.update(ids)
-        kb_archives.append((archive, ids))
-    return vocabs, tables, kb_archives
+def _vocabulary_files(cfg: TrainConfig) -> dict[str, tuple[Path, Path | None]]:
+    """kind -> (concept queries file, fathers file) of the vocabularies the flags switch on."""
+    files = {}
+    if cfg.is_data_concept:
+        files["data"] = (cfg.txt_id_filename or cfg.concept_data, cfg.concept_fathers)
+    if cfg.use_kb_concepts:
+        files["kb"] = (cfg.kb_txt_id_filename or cfg.kb_concept_data, cfg.kb_concept_fathers)
+    return files
 
 
 def _save(run_dir: Path, model, spec, state: dict, epoch: int, cfg: TrainConfig) -> None:

@@ -148,9 +148,8 @@ def test_knowledge_precision_amp(tmp_path, demo, tiny_model):
     close to fp32's but not identical, fp32 weights afterwards; a run records it and trains."""
     from fklip.data.archive import ImageArchive
     from fklip.distributed import DistContext
-    from fklip.knowledge import load_vocabulary
+    from fklip.knowledge import load_vocabulary, refresh_knowledge
     from fklip.model import ModelSpec, build_tokenizer
-    from fklip.train import refresh_knowledge
 
     vocabs = {"data": (load_vocabulary(demo.concept_queries, demo.concept_fathers),
                        build_tokenizer(ModelSpec.from_name("fklip-tiny")))}
