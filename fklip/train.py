@@ -181,12 +181,12 @@ def _train_in(cfg: TrainConfig, ctx: DistContext, stop_after: int | None, stack:
                     image_emb = F.normalize(model.encode_image(images).float(), dim=-1)          # (B, D)
                     text_emb = F.normalize(encode_text_trimmed(model, batch.tokens, device).float(), dim=-1)
                     scale = model.logit_scale.float().exp()
-                    terms = {"contrastive_loss": contrastive(gather_with_grad(image_emb, ctx),
-                                                             gather_with_grad(text_emb, ctx), scale)}
+                    all_image_emb = gather_with_grad(image_emb, ctx)  # (N, D), gathered once for both terms
+                    terms = {"contrastive_loss": contrastive(all_image_emb, gather_with_grad(text_emb, ctx), scale)}
                     if cfg.is_concept:
                         concept_emb = _encode_prompts(model, tokenizer, batch.concept_prompts, device)  # (B, S, D)
                         protos = _prototypes(knowledge, lookups, batch, device)                      # (B, S, M, D)
-                        terms["concept_loss"] = concept(gather_with_grad(image_emb, ctx),
+                        terms["concept_loss"] = concept(all_image_emb,
                                                         gather_with_grad(concept_emb, ctx),
                                                         gather_with_grad(protos, ctx), scale)
                 loss, terms_now = combine(terms, weight_mode)
