@@ -470,9 +470,8 @@ def train_section(args, tmp: Path) -> dict:
     from fklip.data.archive import ImageArchive
     from fklip.data.demo_dataset import DemoDataConfig, generate_demo
     from fklip.distributed import DistContext
-    from fklip.knowledge import load_vocabulary
+    from fklip.knowledge import load_vocabulary, refresh_knowledge
     from fklip.model import build_tokenizer
-    from fklip.train import refresh_knowledge
 
     spec, model, _ = random_model(args.model, tmp)
     device = args.device

@@ -104,6 +104,7 @@ def test_every_switch_combination_runs(tmp_path, demo, flags):
 def test_original_indexing_runs_the_original_concept_loss(tmp_path, demo, monkeypatch):
     """--original-indexing: the original's transposition and its signed prototype weights."""
     import fklip.losses
+    import fklip.train.loop
 
     built = []
 
@@ -112,7 +113,7 @@ def test_original_indexing_runs_the_original_concept_loss(tmp_path, demo, monkey
             super().__init__(*args, **kwargs)
             built.append((self.transposed_indexing, self.clamp_negative))
 
-    monkeypatch.setattr(fklip.losses, "ConceptLoss", Spy)
+    monkeypatch.setattr(fklip.train.loop, "ConceptLoss", Spy)  # where the loop builds it
     flags = ["--is-concept", "--is-data-concept", "--no-use-kb-concepts"]
     for name, extra in (("fklip", []), ("original", ["--original-indexing"])):
         result = invoke(train_args(demo, tmp_path, name, *flags, *extra, epochs=1))
@@ -148,9 +149,8 @@ def test_knowledge_precision_amp(tmp_path, demo, tiny_model):
     close to fp32's but not identical, fp32 weights afterwards; a run records it and trains."""
     from fklip.data.archive import ImageArchive
     from fklip.distributed import DistContext
-    from fklip.knowledge import load_vocabulary
+    from fklip.knowledge import load_vocabulary, refresh_knowledge
     from fklip.model import ModelSpec, build_tokenizer
-    from fklip.train import refresh_knowledge
 
     vocabs = {"data": (load_vocabulary(demo.concept_queries, demo.concept_fathers),
                        build_tokenizer(ModelSpec.from_name("fklip-tiny")))}
@@ -244,7 +244,7 @@ def test_amp_training_with_a_gradient_scaler_on_cuda(tmp_path, demo):
 
 
 def test_steady_step_time_leaves_out_the_first_step():
-    from fklip.train import _steady_step_s
+    from fklip.train.loop import _steady_step_s
 
     # steps start at 0 (a slow first step), 5, 6, 8; the epoch ends at 9
     assert _steady_step_s([0.0, 5.0, 6.0, 8.0], 9.0) == 1.0  # the median of 1, 2, 1
@@ -256,7 +256,7 @@ def test_batches_read_ahead_train_the_same(tmp_path, demo, monkeypatch):
     """--workers 1 reads the batches in a background thread, two ahead of the step (what CUDA
     runs always do): the same batches in the same order, so the same weights and losses. A
     failing read still stops the run with its own error."""
-    import fklip.train_data
+    import fklip.train.data
 
     args = ("--is-concept", "--is-data-concept", "--is-update", "--report-to", "tensorboard")
     assert invoke(train_args(demo, tmp_path, "main", *args)).exit_code == 0
@@ -268,7 +268,7 @@ def test_batches_read_ahead_train_the_same(tmp_path, demo, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     calls = []
-    real = fklip.train_data.TrainSet.batch
+    real = fklip.train.data.TrainSet.batch
 
     def failing(self, rows, out=None):
         import threading
@@ -278,7 +278,7 @@ def test_batches_read_ahead_train_the_same(tmp_path, demo, monkeypatch):
             raise OSError("the archive's disk went away")
         return real(self, rows, out)
 
-    monkeypatch.setattr(fklip.train_data.TrainSet, "batch", failing)
+    monkeypatch.setattr(fklip.train.data.TrainSet, "batch", failing)
     broken = invoke(train_args(demo, tmp_path, "broken", "--workers", 1))
     assert broken.exit_code == 2 and "disk went away" in broken.output  # one line, no traceback
     assert calls == ["fklip-batches"] * 3  # read in the background thread

@@ -6,6 +6,7 @@ by batch size (spec 3.4); recall uses the project's exact top-k over the whole v
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,20 +16,22 @@ import torch.nn.functional as F
 from fklip.config import SearchConfig
 from fklip.data.archive import ImageArchive
 from fklip.data.jsonl import ValQuery, id_key, read_val_queries
+from fklip.encode import encode_archive, encode_texts
+from fklip.model import ModelSpec, Tokenizer, build_tokenizer
+from fklip.predict import gold_from_item_ids, gold_from_queries, score, search
 
 
 @dataclass
 class ValSet:
     queries: list[ValQuery]
     archive: ImageArchive
-    tokenizer: object
+    tokenizer: Tokenizer
 
 
-def load_val(val_data: Path, val_img: Path, spec) -> ValSet:
-    from fklip.model import build_tokenizer
-
+def load_val(val_data: Path, val_img: Path, spec: ModelSpec, stack: contextlib.ExitStack) -> ValSet:
+    """The val queries and images, checked; `stack` closes the archive."""
     queries = read_val_queries(val_data)
-    archive = ImageArchive(val_img)
+    archive = stack.enter_context(ImageArchive(val_img))
     archive.require([i for q in queries for i in q.item_ids], str(val_data))
     archive.check_image_size(spec.image_size, spec.name)
     return ValSet(queries, archive, build_tokenizer(spec))
@@ -37,9 +40,6 @@ def load_val(val_data: Path, val_img: Path, spec) -> ValSet:
 @torch.no_grad()
 def evaluate_val(model, val: ValSet, eval_batch_size: int, batch_size: int, device: str) -> dict:
     """{"val_loss", "t2i_r1", ..., "i2t_r10"} with the current weights (eval mode, then back)."""
-    from fklip.encode import encode_archive, encode_texts
-    from fklip.predict import gold_from_item_ids, gold_from_queries, score, search
-
     was_training = model.training
     model.eval()
     image_emb = torch.from_numpy(encode_archive(model, val.archive, eval_batch_size, device))  # (N, D)

@@ -16,6 +16,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+
 from fklip.errors import ConfigError
 from fklip.io import claim, remove_leftovers_in, write_json
 
@@ -103,8 +105,6 @@ class RunLog:
         remove_leftovers_in(run_dir / "checkpoints")
         write_json(run_dir / "params.json", params)
         if self.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, scalars: dict, step: int) -> None:
