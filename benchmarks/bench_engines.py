@@ -49,8 +49,8 @@ from engines.measure import (
     summary,
     token_lengths,
 )
-from fklip.bench import environment
 from fklip.io import atomic_output
+from fklip.timing import environment
 
 BASELINE = "open_clip eager fp32"
 

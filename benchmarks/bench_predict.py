@@ -18,14 +18,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fklip.bench import cpu_facts
+from fklip.timing import cpu_facts, timed, timed_median
 
 
 def make_files(folder: Path, n: int, dim: int, seed: int = 0) -> dict:
@@ -50,29 +49,33 @@ def make_files(folder: Path, n: int, dim: int, seed: int = 0) -> dict:
     return paths
 
 
+def _read_features(path: Path) -> tuple[list, torch.Tensor]:
+    """The original's reading: json.loads on every line, the features into one tensor."""
+    ids, rows = [], []
+    with open(path) as f:
+        for line in f:
+            obj = json.loads(line)
+            ids.append(obj["query_id"] if "query_id" in obj else obj["image_id"])
+            rows.append(obj["feature"])
+    return ids, torch.tensor(rows, dtype=torch.float32)
+
+
+def _sort_each(g_ids: list, scores: list[list[float]], top_k: int) -> None:
+    """The original's per-query tuple sort over every candidate."""
+    for row in scores:
+        pairs = sorted(zip(g_ids, row), key=lambda x: x[1], reverse=True)
+        _ = [gid for gid, _ in pairs[:top_k]]
+
+
 def original_algorithm(paths: dict, subset: int, top_k: int = 10) -> dict:
     """The original's steps, timed: json parsing of both files, then per-query tuple sorts."""
-    t0 = time.perf_counter()
-    feats = {}
-    for name in ("img", "txt"):
-        ids, rows = [], []
-        with open(paths[name]) as f:
-            for line in f:
-                obj = json.loads(line)
-                ids.append(obj["query_id"] if "query_id" in obj else obj["image_id"])
-                rows.append(obj["feature"])
-        feats[name] = (ids, torch.tensor(rows, dtype=torch.float32))
-    parse_s = time.perf_counter() - t0
+    parse_s, feats = timed_median(lambda: {name: _read_features(paths[name]) for name in ("img", "txt")}, warmup=0)
     per_query = {}
     for name, (q_name, g_name) in {"t2i": ("txt", "img"), "i2t": ("img", "txt")}.items():
         _, q = feats[q_name]
         g_ids, g = feats[g_name]
         scores = (q[:subset] @ g.T).tolist()  # the product, in one go (on the GPU in the original)
-        t0 = time.perf_counter()
-        for row in scores:  # timed: the per-query tuple sort over every candidate
-            pairs = sorted(zip(g_ids, row), key=lambda x: x[1], reverse=True)
-            _ = [gid for gid, _ in pairs[:top_k]]
-        per_query[name] = (time.perf_counter() - t0) / subset
+        per_query[name] = timed(lambda: _sort_each(g_ids, scores, top_k))[0] / subset  # timed: the sorts
     return {"parse_s": parse_s, "per_query_s": per_query, "queries": len(feats["txt"][0]),
             "images": len(feats["img"][0])}
 
@@ -83,9 +86,7 @@ def fklip_predict(paths: dict, out: Path) -> float:
            "--output-images", str(out / "imgs_pred.jsonl"), "--output-texts", str(out / "txts_pred.jsonl"),
            "--text-standard-path", str(paths["queries"]), "--image-standard-path", str(paths["images"]),
            "--text-out-path", str(out / "text.json"), "--image-out-path", str(out / "image.json")]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
-    return time.perf_counter() - t0
+    return timed(lambda: subprocess.run(cmd, check=True, capture_output=True))[0]
 
 
 def main() -> None:
@@ -97,9 +98,7 @@ def main() -> None:
     cpu = cpu_facts()["cpu"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        t0 = time.perf_counter()
-        paths = make_files(folder, args.n, args.dim)
-        make_s = time.perf_counter() - t0
+        make_s, paths = timed_median(lambda: make_files(folder, args.n, args.dim), warmup=0)
         fklip_s = fklip_predict(paths, folder / "out")
         scores = {name: json.loads((folder / "out" / f"{name}.json").read_text())["scoreJson"]
                   for name in ("text", "image")}

@@ -28,12 +28,12 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 
 import torch
 
-from fklip.bench import cpu_facts, features, measure_variants, plain_topk
+from engines.measure import features, plain_topk
 from fklip.retrieval import SCORE_TILE, tile_sizes, topk_both_ways, topk_chunked
+from fklip.timing import cpu_facts, measure_variants
 
 
 def bare_full(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
@@ -96,9 +96,9 @@ def main() -> None:
         "fklip topk_chunked x2": lambda: (topk_chunked(text, image, k), topk_chunked(image, text, k)),
         "plain torch topk x2": lambda: (plain_topk(text, image, k), plain_topk(image, text, k)),
     }
-    times, other, discarded = measure_variants(variants, args.repeats, device, args.max_other, args.retries,
-                                      args.wait)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    timings = measure_variants(variants, args.repeats, device, args.max_other, args.retries, args.wait)
+    times, other, discarded = timings.seconds, timings.other, timings.retaken
+    median = {name: timings.median(name) for name in times}
     baseline_name = min(("bare, full products", "bare, tiled products"), key=median.__getitem__)
     baseline = median[baseline_name]
 

@@ -43,22 +43,10 @@ class Setup:
     prompt_ref: np.ndarray  # (P, D)
 
 
-def eager(model, x: np.ndarray, encode: str) -> np.ndarray:
-    """The oracle: open_clip's `encode_image` / `encode_text` (all 77 positions), fp32, normalised."""
-    with torch.no_grad():
-        return torch.nn.functional.normalize(getattr(model, encode)(torch.from_numpy(x)), dim=-1).numpy()
-
-
-def min_cosine(got: np.ndarray, ref: np.ndarray) -> float:
-    from engines.measure import cosines
-
-    return float(cosines(got, ref).min())
-
-
 @pytest.fixture(scope="session")
 def setups(tmp_path_factory):
     """name -> Setup, each built on first use and kept for the session."""
-    from engines.measure import build_inputs
+    from engines.measure import build_inputs, open_clip_backend
     from export.pipeline import run_export
     from fklip.config import ExportConfig
     from fklip.model import ModelSpec, build_model, build_tokenizer, save_checkpoint
@@ -77,9 +65,12 @@ def setups(tmp_path_factory):
             tokenizer = build_tokenizer(spec)
             pixels, ids, _ = build_inputs(spec.image_size, tokenizer, n_images, n_texts, seed=0)
             prompt_ids = tokenizer(PROMPTS * 4).numpy()
+            # the oracle: `fklip bench`'s CPU baseline, open_clip's `encode_image` / `encode_text` (all
+            # 77 positions), eager fp32, normalised
+            oracle = open_clip_backend(model)
             cache[name] = Setup(name, model, folder / "model.pt", folder / "export", pixels, ids, prompt_ids,
-                                eager(model, pixels, "encode_image"), eager(model, ids, "encode_text"),
-                                eager(model, prompt_ids, "encode_text"))
+                                oracle.encode_images(pixels), oracle.encode_texts(ids),
+                                oracle.encode_texts(prompt_ids))
         return cache[name]
 
     return get

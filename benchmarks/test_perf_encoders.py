@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.conftest import DEVICES, MODELS, ROUNDS, SIZES, min_cosine, needs_cuda
+from benchmarks.conftest import DEVICES, MODELS, ROUNDS, SIZES, needs_cuda
 from engines.base import RunnerConfig, build_runner
-from engines.measure import open_clip_backend
+from engines.measure import encode_all, min_cosine, open_clip_backend
 
 MIN_COSINE = {"cpu": 0.99999, "cuda": 0.999}
 PRECISION = {"cpu": "fp32", "cuda": "fp16"}  # what the torch engine runs in each case
@@ -30,14 +30,10 @@ ONNX_DEVICES = ["cpu", pytest.param("cuda", marks=[needs_cuda, pytest.mark.skipi
     not _onnx_cuda(), reason="no GPU for onnxruntime: no CUDAExecutionProvider (pip install \"fklip[gpu]\")")])]
 
 
-def batched(encode, x: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([encode(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
 def measured(benchmark, name: str, encode, x: np.ndarray) -> np.ndarray:
     """`encode` over all of `x` in the model's batch size, timed; its (N, D) embeddings."""
     benchmark.extra_info.update(model=name, items=len(x), batch=SIZES[name][2])
-    return benchmark.pedantic(batched, args=(encode, x, SIZES[name][2]), rounds=ROUNDS[name], warmup_rounds=1)
+    return benchmark.pedantic(encode_all, args=(encode, x, SIZES[name][2]), rounds=ROUNDS[name], warmup_rounds=1)
 
 
 def texts_of(setup, kind: str) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import DEVICES, needs_cuda
-from fklip.bench import plain_topk
+from engines.measure import plain_topk
 from fklip.retrieval import topk_chunked, topk_reference
 
 N_QUERIES, N_GALLERY, DIM, K = 3000, 5000, 64, 10

@@ -10,7 +10,10 @@ each as a ratio to plain PyTorch measured in the same run.
 * Cosines: per sample, against open_clip's fp32 embeddings (the CPU baseline's own; on CUDA one
   untimed fp32 pass).
 * Top-k: `fklip.retrieval.topk_chunked` against `torch.mm` + `torch.topk` per chunk
-  (`fklip.bench.bench_topk`), values compared.
+  (`engines.measure.bench_topk`), values compared.
+
+What is measured and how is in engines/measure.py and fklip/timing.py; the scripts in
+benchmarks/ call the same functions.
 
 Engines asked for with --engine that cannot run here raise before any slow work; engines left to
 the defaults that cannot run, and engine/precision pairs that do not exist, are listed as skipped.
@@ -30,6 +33,7 @@ import numpy as np
 from engines.base import RunnerConfig, build_runner
 from engines.measure import (
     Backend,
+    bench_topk,
     build_inputs,
     make_exports,
     measure,
@@ -39,6 +43,7 @@ from engines.measure import (
 )
 from fklip.config import ENGINES, BenchConfig, bench_combo_problem
 from fklip.errors import ConfigError, FklipError, MissingDependencyError
+from fklip.timing import environment
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +164,6 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     """Measure what `cfg` selects; returns the result (see `format_table` and the JSON line)."""
     import torch
 
-    from fklip.bench import bench_topk, environment
     from fklip.model import save_checkpoint
 
     runs, skipped = plan_bench(cfg)  # before any slow work

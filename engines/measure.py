@@ -1,10 +1,16 @@
-"""Measuring encoders: images/s and texts/s of backends (a runner, or plain open_clip) run in
-turn on the same inputs, with the cosine of their embeddings to a reference.
+"""What `fklip bench` measures, and the scripts in benchmarks/ with it: encoders and exact top-k,
+each against the plain PyTorch a user would write, timed with fklip.timing's discipline.
 
-Shared by `fklip bench` (engines/bench.py) and benchmarks/bench_engines.py. Every backend is
-warmed up (a full pass for torch.compile, which specialises on shapes), then each round runs
-every backend in turn, images then texts; figures are medians over rounds, and each run records
-the share of the CPUs other processes used meanwhile (from /proc/stat).
+* Encoders: images/s and texts/s of backends (a runner, or plain open_clip) run in turn on the
+  same inputs, with the cosine of their embeddings to a reference. Every backend is warmed up (a
+  full pass for torch.compile, which specialises on shapes), then each round runs every backend
+  in turn, images then texts; figures are medians over rounds, and each run records the share of
+  the CPUs other processes used meanwhile (from /proc/stat).
+* Top-k: `fklip.retrieval.topk_chunked` against `plain_topk` (`torch.mm` + `torch.topk` per
+  chunk), values compared.
+
+Used by engines/bench.py (`fklip bench`) and by benchmarks/ (bench_engines.py, bench_retrieval.py,
+gpu_bench.py, the pytest-benchmark suites).
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from fklip.bench import timed_quietly
+from fklip.retrieval import tile_sizes, topk_chunked
+from fklip.retrieval.fused import resolve_method
+from fklip.timing import measure_variants
 
 MODALITIES = ("images", "texts")
 
@@ -67,7 +76,6 @@ def open_clip_backend(model, device: str = "cpu", autocast: bool = False, name: 
     go in as the model's weights' dtype (fp16 for a `.half()` model)."""
     import contextlib
 
-    import torch
     import torch.nn.functional as F
 
     from fklip.data.archive import model_input_from_batch
@@ -128,37 +136,43 @@ def encode_all(encode: Callable, x: np.ndarray, batch: int) -> np.ndarray:
 
 def measure(backends: list[Backend], inputs: dict[str, np.ndarray], batch: int, repeats: int,
             max_other: float = 1.0, retries: int = 0, wait_s: float = 0.0, settle_s: float = 0.2) -> None:
-    """Warm up, then `repeats` rounds of every backend in turn; fills each Backend's figures. A
-    run during which other processes used more than `max_other` of the CPUs is retaken after
-    `wait_s` seconds, at most `retries` times (runs under a second never are).
+    """Warm up, then `repeats` rounds of every backend in turn (`fklip.timing.measure_variants`);
+    fills each Backend's figures. A run during which other processes used more than `max_other`
+    of the CPUs is retaken after `wait_s` seconds, at most `retries` times (runs under a second
+    never are).
 
     Each timed pass starts after `settle_s` seconds idle: onnxruntime's worker threads spin for
     about 0.1 s after a run (and OpenMP's after torch's), and a pass started inside that tail
     ran up to 3x slower on 2 cores (fklip-tiny eager after an onnx run: 6 ms a batch against 2 ms)."""
+    variants, warmups = {}, {}
+    for modality, x in inputs.items():  # each round: images then texts, every backend in turn
+        for b in backends:
+            encode = b.encoder(modality)
+
+            def run(b=b, modality=modality, encode=encode, x=x) -> None:
+                b.emb.setdefault(modality, encode_all(encode, x, batch))  # the first round's
+
+            variants[b.name, modality] = run
+            warmups[b.name, modality] = ((lambda encode=encode, x=x: encode_all(encode, x, batch)) if b.full_warmup
+                                         else (lambda encode=encode, x=x: encode(x[:batch])))
+    timings = measure_variants(variants, repeats, max_other=max_other, retries=retries, wait_s=wait_s,
+                               settle_s=settle_s, warmups=warmups)
     for b in backends:
-        for modality, x in inputs.items():
-            if b.full_warmup:
-                encode_all(b.encoder(modality), x, batch)
-            else:
-                b.encoder(modality)(x[:batch])
-    for _ in range(repeats):
-        for modality, x in inputs.items():
-            for b in backends:
-                embs: list[np.ndarray] = []
-                encode = b.encoder(modality)
-                seconds, share, retakes = timed_quietly(
-                    lambda out=embs, encode=encode, x=x: out.append(encode_all(encode, x, batch)),
-                    max_other=max_other, retries=retries, wait_s=wait_s, settle_s=settle_s)
-                b.retaken[modality] += retakes
-                b.seconds[modality].append(seconds)
-                b.other[modality].append(share)
-                b.emb.setdefault(modality, embs[-1])
+        for modality in inputs:
+            b.seconds[modality] += timings.seconds[b.name, modality]
+            b.other[modality] += timings.other[b.name, modality]
+            b.retaken[modality] += timings.retaken[b.name, modality]
 
 
 def cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """(N,) cosine of each row of `got` with the same row of `ref`, in float64."""
     return (got.astype(np.float64) * ref).sum(1) / np.maximum(
         np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+
+
+def min_cosine(got: np.ndarray, ref: np.ndarray) -> float:
+    """The smallest per-row cosine of `got` with `ref` (row by row)."""
+    return float(cosines(np.asarray(got), np.asarray(ref)).min())
 
 
 def summary(backends: list[Backend], counts: dict[str, int], reference: dict[str, np.ndarray] | None = None) -> dict:
@@ -182,3 +196,73 @@ def summary(backends: list[Backend], counts: dict[str, int], reference: dict[str
                         f"{modality}_retaken": b.retaken[modality]})
         out[b.name] = row
     return out
+
+
+# ---- exact top-k against plain torch
+
+TOPK_TOLERANCE = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # plain vs fklip values
+
+
+def features(n: int, dim: int, seed: int, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, dim) random L2-normalised rows, the same for a seed on every device."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device, dtype)
+
+
+def plain_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The usual chunked top-k, over the same tiles as `topk_chunked`: `torch.mm` in the
+    features' dtype, `torch.topk` per score chunk, concatenate with the running best, topk again.
+    No tie rule (topk's order among equal scores is arbitrary)."""
+    tile_q, tile_g = tile_sizes(len(queries), len(gallery))
+    out_values, out_indices = [], []
+    for q0 in range(0, len(queries), tile_q):
+        query = queries[q0:q0 + tile_q]
+        best_values = best_indices = None
+        for g0 in range(0, len(gallery), tile_g):
+            values, indices = torch.topk(query @ gallery[g0:g0 + tile_g].T, min(k, len(gallery) - g0), dim=1)
+            indices += g0
+            if best_values is not None:
+                values, indices = torch.cat([best_values, values], 1), torch.cat([best_indices, indices], 1)
+                values, pos = torch.topk(values, k, dim=1)
+                indices = indices.gather(1, pos)
+            best_values, best_indices = values, indices
+        out_values.append(best_values)
+        out_indices.append(best_indices)
+    return torch.cat(out_values), torch.cat(out_indices)
+
+
+def topk_method(device: str | torch.device, dtype: torch.dtype = torch.float32, method: str = "auto",
+                k: int = 10, dim: int = 512) -> str:
+    """The path, "fused" or "torch", that a search of `dtype` features on `device` takes with
+    `method` (`fklip.retrieval.fused.resolve_method`; "fused" where it cannot run raises): for the
+    JSON rows that say which ran. `fklip eval` searches float32 features with "auto"."""
+    probe = torch.zeros((1, dim), device=device, dtype=dtype)
+    return resolve_method(probe, probe, k, 65536, method)
+
+
+def bench_topk(n_queries: int, n_gallery: int, dim: int, k: int, repeats: int, device: str = "cpu",
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Queries/s of `topk_chunked` against `plain_topk` on random unit features, measured in turn
+    (one warm-up each, median of `repeats`), with the two results' values compared."""
+    queries, gallery = features(n_queries, dim, seed, device, dtype), features(n_gallery, dim, seed + 1, device, dtype)
+    fklip_values, fklip_indices = topk_chunked(queries, gallery, k)
+    plain_values, plain_indices = plain_topk(queries, gallery, k)
+    diff = float((plain_values.float() - fklip_values).abs().max())
+    variants = {"fklip": lambda: topk_chunked(queries, gallery, k), "plain": lambda: plain_topk(queries, gallery, k)}
+    method = resolve_method(queries, gallery, k, len(gallery))  # what topk_chunked runs here
+    if method == "fused":  # time the torch path too
+        variants["fklip torch path"] = lambda: topk_chunked(queries, gallery, k, method="torch")
+    timings = measure_variants(variants, repeats, device)
+    per_s = {name: n_queries / timings.median(name) for name in variants}
+    return {"queries": n_queries, "gallery": n_gallery, "dim": dim, "k": k, "dtype": str(dtype).split(".")[-1],
+            "device": str(device), "baseline": "torch.mm + torch.topk per chunk", "fklip_method": method,
+            "fklip_torch_path_queries_per_s": (round(per_s["fklip torch path"], 2)
+                                               if "fklip torch path" in per_s else None),
+            "fklip_queries_per_s": round(per_s["fklip"], 2), "plain_queries_per_s": round(per_s["plain"], 2),
+            "x": round(per_s["fklip"] / per_s["plain"], 3),
+            "fklip_s": [round(s, 4) for s in timings.seconds["fklip"]],
+            "plain_s": [round(s, 4) for s in timings.seconds["plain"]],
+            "values_max_abs_diff": diff, "values_equal": diff <= TOPK_TOLERANCE[dtype],
+            "rows_with_other_indices": int((plain_indices != fklip_indices).any(dim=1).sum()),
+            "other_cpu": round(max(max(v) for v in timings.other.values()), 3)}

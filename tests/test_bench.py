@@ -179,7 +179,7 @@ def test_int8_outside_its_tolerance_is_measured_without_it(monkeypatch, tmp_path
 
 
 def test_topk_figures_check_the_values():
-    from fklip.bench import bench_topk, features, plain_topk
+    from engines.measure import bench_topk, features, plain_topk
     from fklip.retrieval import topk_reference
 
     queries, gallery = features(300, 32, 0), features(5000, 32, 1)
@@ -190,8 +190,37 @@ def test_topk_figures_check_the_values():
     assert len(report["fklip_s"]) == len(report["plain_s"]) == 1
 
 
+def test_measure_variants_warms_up_interleaves_and_keeps_going():
+    """One discipline for every harness: warm-ups untimed, rounds in turn, a variant that raises
+    (warming up or timed) left out with its error when asked to keep going, and raised otherwise."""
+    from fklip.timing import measure_variants, timed_median
+
+    calls: list[str] = []
+
+    def fails_on(n: int, name: str):
+        def run() -> None:
+            calls.append(name)
+            if calls.count(name) == n:
+                raise RuntimeError(f"{name} broke")
+        return run
+
+    variants = {"a": lambda: calls.append("a"), "warm-up fails": fails_on(1, "w"), "b": lambda: calls.append("b"),
+                "second round fails": fails_on(3, "s")}
+    timings = measure_variants(variants, 3, warmups={"b": lambda: calls.append("b warm")}, keep_going=True)
+    assert calls == ["a", "w", "b warm", "s", "a", "b", "s", "a", "b", "s", "a", "b"]
+    assert set(timings.seconds) == set(timings.other) == set(timings.retaken) == {"a", "b"}
+    assert len(timings.seconds["a"]) == 3 and timings.median("b") >= 0
+    assert timings.errors == {"warm-up fails": "RuntimeError: w broke", "second round fails": "RuntimeError: s broke"}
+    with pytest.raises(RuntimeError, match="w2 broke"):
+        measure_variants({"warm-up fails": fails_on(1, "w2")}, 1)
+
+    results = iter(range(10))
+    seconds, last = timed_median(lambda: next(results), repeats=3, warmup=2)
+    assert last == 4 and seconds >= 0  # 2 warm-ups, 3 timed runs: the last result
+
+
 def test_import_fklip_loads_no_onnx():
-    code = ("import sys, fklip, fklip.cli, fklip.config, fklip.bench; "
+    code = ("import sys, fklip, fklip.cli, fklip.config, fklip.timing; "
             "bad = [m for m in ('onnx', 'onnxruntime', 'tensorrt', 'engines', 'export') if m in sys.modules]; "
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
