@@ -12,8 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Time limits in tests only catch hangs. A busy laptop or a shared 2-core runner can run a command
-# ten times slower than usual (`fklip demo` takes about 2 minutes alone, over 10 under load), and
-# that is no bug: every subprocess and wait in the suite gets an hour.
+# tens of times slower than usual (`fklip demo`, about a minute on 2 idle cores, took 39 minutes
+# beside 4 busy loops and two other test suites), and that is no bug: every subprocess and wait in
+# the suite gets an hour.
 HANG_S = 3600
 
 

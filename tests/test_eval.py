@@ -240,14 +240,13 @@ def test_plain_encoding_names_non_finite_images(tmp_path, small_demo, tiny_model
     images[ids[1]] = np.full_like(images[ids[1]], np.nan)
     path = tmp_path / "kb.npz"
     np.savez(path, **images)
-    with ImageArchive(path) as archive:
-        with pytest.raises(DataError, match=rf"kb.npz: image '{ids[1]}' gives non-finite features "
-                                            r"\(its pixels hold NaN or inf\)$"):
-            encode_archive(tiny_model, archive, batch_size=4)
+    with ImageArchive(path) as archive, pytest.raises(
+            DataError, match=rf"kb.npz: image '{ids[1]}' gives non-finite features \(its pixels hold NaN or inf\)$"):
+        encode_archive(tiny_model, archive, batch_size=4)
     broken = copy.deepcopy(tiny_model)
     with torch.no_grad():
         next(broken.visual.parameters()).fill_(float("nan"))
-    with ImageArchive(small_demo.val_images) as archive:
-        with pytest.raises(DataError, match=r"images \(.*, \.\.\. \(\d+ more\)\) give non-finite features \(their "
-                                            r"pixels are all finite: the model gives NaN or inf"):
-            encode_archive(broken, archive, batch_size=8)
+    with ImageArchive(small_demo.val_images) as archive, pytest.raises(
+            DataError, match=r"images \(.*, \.\.\. \(\d+ more\)\) give non-finite features \(their pixels are all "
+                             r"finite: the model gives NaN or inf"):
+        encode_archive(broken, archive, batch_size=8)
