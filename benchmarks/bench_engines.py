@@ -96,7 +96,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    from engines.base import RunnerConfig, build_runner
+    from engines.base import build_runner
+    from fklip.config import EncodeConfig
     from fklip.model import ModelSpec, build_model, build_tokenizer, save_checkpoint
 
     spec = ModelSpec.from_name(args.model)
@@ -116,18 +117,18 @@ def main() -> None:
         from export.quantize import TOWER_RECIPES
 
         facts["int8_recipes"] = dict(TOWER_RECIPES)
-        configs = {f"torch {p}": RunnerConfig("torch", checkpoint=ckpt, precision=p, threads=args.threads)
+        configs = {f"torch {p}": EncodeConfig("torch", checkpoint=ckpt, precision=p, threads=args.threads)
                    for p in args.torch_precisions}
         if not args.no_compile:
-            configs["torch fp32 compile"] = RunnerConfig("torch", checkpoint=ckpt, compile=True,
+            configs["torch fp32 compile"] = EncodeConfig("torch", checkpoint=ckpt, compile=True,
                                                          threads=args.threads)
-        configs["onnx fp32"] = RunnerConfig("onnx", engine_dir=folders["fp32"], threads=args.threads)
+        configs["onnx fp32"] = EncodeConfig("onnx", engine_dir=folders["fp32"], threads=args.threads)
         if "fp16" in folders:
-            configs["onnx fp16"] = RunnerConfig("onnx", engine_dir=folders["fp16"], threads=args.threads)
+            configs["onnx fp16"] = EncodeConfig("onnx", engine_dir=folders["fp16"], threads=args.threads)
         if "int8" in folders:
-            configs["onnx int8 (export --int8)"] = RunnerConfig("onnx", engine_dir=folders["int8"], int8=True,
+            configs["onnx int8 (export --int8)"] = EncodeConfig("onnx", engine_dir=folders["int8"], int8=True,
                                                                 threads=args.threads)
-        configs["onnx int8, 8-bit weights"] = RunnerConfig("onnx", engine_dir=folders["int8-8bit"],
+        configs["onnx int8, 8-bit weights"] = EncodeConfig("onnx", engine_dir=folders["int8-8bit"],
                                                            int8=True, threads=args.threads)
         with contextlib.ExitStack() as stack:
             runners = {name: stack.enter_context(build_runner(cfg)) for name, cfg in configs.items()}

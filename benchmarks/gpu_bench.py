@@ -54,7 +54,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.measure import encode_all, min_cosine, open_clip_backend, plain_topk, topk_method
+from engines.measure import (
+    encode_all,
+    min_cosine,
+    open_clip_backend,
+    plain_topk,
+    topk_method,
+)
 from fklip.timing import environment, measure_variants, timed_median
 
 logger = logging.getLogger("gpu_bench")
@@ -228,17 +234,17 @@ def openclip_text_pass(model, ids: np.ndarray, batch: int, device: str, autocast
 
 
 def engine_variants(ckpt: Path, device: str, compiled: bool = False) -> dict:
-    from engines.base import RunnerConfig
+    from fklip.config import EncodeConfig
 
     if not device.startswith("cuda"):  # the dry run: fp32, no graphs
-        return {"fklip fused fp32": RunnerConfig("torch", checkpoint=ckpt, fused=True),
-                "fklip open_clip modules fp32": RunnerConfig("torch", checkpoint=ckpt)}
-    out = {"fklip fused fp16 + CUDA graphs": RunnerConfig("torch", checkpoint=ckpt, device=device, precision="fp16",
+        return {"fklip fused fp32": EncodeConfig("torch", checkpoint=ckpt, fused=True),
+                "fklip open_clip modules fp32": EncodeConfig("torch", checkpoint=ckpt)}
+    out = {"fklip fused fp16 + CUDA graphs": EncodeConfig("torch", checkpoint=ckpt, device=device, precision="fp16",
                                                           fused=True, cuda_graphs=True),
-           "fklip fused bf16 + CUDA graphs": RunnerConfig("torch", checkpoint=ckpt, device=device, precision="bf16",
+           "fklip fused bf16 + CUDA graphs": EncodeConfig("torch", checkpoint=ckpt, device=device, precision="bf16",
                                                           fused=True, cuda_graphs=True)}
     if compiled:  # --compile-engines: inductor's first compile of ViT-B-32 takes a minute or more
-        out["fklip fused fp16 + compile + CUDA graphs"] = RunnerConfig(
+        out["fklip fused fp16 + compile + CUDA graphs"] = EncodeConfig(
             "torch", checkpoint=ckpt, device=device, precision="fp16", fused=True, compile=True, cuda_graphs=True)
     return out
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from benchmarks.conftest import DEVICES, MODELS, ROUNDS, SIZES, needs_cuda
-from engines.base import RunnerConfig, build_runner
+from engines.base import build_runner
 from engines.measure import encode_all, min_cosine, open_clip_backend
+from fklip.config import EncodeConfig
 
 MIN_COSINE = {"cpu": 0.99999, "cuda": 0.999}
 PRECISION = {"cpu": "fp32", "cuda": "fp16"}  # what the torch engine runs in each case
@@ -52,9 +53,9 @@ def test_open_clip_images(benchmark, setups, name, device):
     assert min_cosine(got, s.image_ref) >= MIN_COSINE[device]
 
 
-def torch_config(s, device: str, fused: bool) -> RunnerConfig:
+def torch_config(s, device: str, fused: bool) -> EncodeConfig:
     """The torch engine: open_clip's modules, or fklip's fused towers (with CUDA graphs on CUDA)."""
-    return RunnerConfig("torch", checkpoint=s.checkpoint, device=device, precision=PRECISION[device], fused=fused,
+    return EncodeConfig("torch", checkpoint=s.checkpoint, device=device, precision=PRECISION[device], fused=fused,
                         cuda_graphs=fused and device == "cuda")
 
 
@@ -76,7 +77,7 @@ def test_onnx_runner(benchmark, setups, name, device, tower):
     """The fp32 export through onnxruntime: images, and captions cut after their last end token."""
     s = setups(name)
     x, ref = (s.pixels, s.image_ref) if tower == "images" else (s.ids, s.text_ref)
-    with build_runner(RunnerConfig("onnx", engine_dir=s.export_dir, device=device)) as runner:
+    with build_runner(EncodeConfig("onnx", engine_dir=s.export_dir, device=device)) as runner:
         got = measured(benchmark, name, getattr(runner, f"encode_{tower}"), x)
     assert min_cosine(got, ref) >= MIN_COSINE["cpu"]  # an fp32 export on either device
 

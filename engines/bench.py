@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.base import RunnerConfig, build_runner
+from engines.base import build_runner
 from engines.measure import (
     Backend,
     bench_topk,
@@ -41,7 +41,7 @@ from engines.measure import (
     summary,
     token_lengths,
 )
-from fklip.config import ENGINES, BenchConfig, bench_combo_problem
+from fklip.config import ENGINES, BenchConfig, EncodeConfig, bench_combo_problem
 from fklip.errors import ConfigError, FklipError, MissingDependencyError
 from fklip.timing import environment
 
@@ -100,13 +100,13 @@ def _label(skip: dict) -> str:
 
 
 def _runner_config(engine: str, precision: str, cfg: BenchConfig, ckpt: Path, folders: dict[str, Path]
-                   ) -> RunnerConfig:
+                   ) -> EncodeConfig:
     if engine == "torch":
-        return RunnerConfig("torch", checkpoint=ckpt, precision=precision, device=cfg.device, threads=cfg.threads,
+        return EncodeConfig("torch", checkpoint=ckpt, precision=precision, device=cfg.device, threads=cfg.threads,
                             **torch_options(cfg, precision))
     if engine == "onnx" and precision == "int8":
-        return RunnerConfig("onnx", engine_dir=folders["int8"], int8=True, device=cfg.device, threads=cfg.threads)
-    return RunnerConfig(engine, engine_dir=folders[precision], precision=precision, device=cfg.device,
+        return EncodeConfig("onnx", engine_dir=folders["int8"], int8=True, device=cfg.device, threads=cfg.threads)
+    return EncodeConfig(engine, engine_dir=folders[precision], precision=precision, device=cfg.device,
                         threads=cfg.threads)
 
 

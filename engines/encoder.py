@@ -7,11 +7,12 @@ feature pipeline, so every backend takes the same code path from the archive to 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
-from engines.base import RunnerConfig, build_runner
+from engines.base import build_runner
 from export.manifest import ExportManifest, sha256_of
 from fklip.config import EncodeConfig
 from fklip.data.archive import ImageArchive
@@ -24,12 +25,10 @@ class EngineEncoder:
     """A runner of `enc.engine` with the pipeline around it; the runner loads on entry."""
 
     def __init__(self, enc: EncodeConfig, device: str):
+        """`device` is this process's (cuda:LOCAL_RANK under torchrun, where --device cuda means
+        each rank's own GPU)."""
         self.enc = enc
-        self.runner = build_runner(RunnerConfig(
-            backend=enc.engine, checkpoint=enc.checkpoint if enc.engine == "torch" else None,
-            engine_dir=enc.engine_dir, model=enc.model, truncation=enc.truncation,
-            trust_checkpoint=enc.trust_checkpoint, device=device, precision=enc.precision, int8=enc.int8,
-            compile=enc.compile, cuda_graphs=enc.cuda_graphs, fused=enc.fused))
+        self.runner = build_runner(dataclasses.replace(enc, device=device))
 
     def __enter__(self) -> EngineEncoder:  # noqa: PYI034 (typing.Self is Python 3.11+)
         if self.enc.engine != "torch":

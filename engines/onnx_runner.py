@@ -12,9 +12,8 @@ import logging
 
 import numpy as np
 
-from engines.base import RunnerConfig
 from export.manifest import ExportManifest
-from fklip.config import parse_device
+from fklip.config import EncodeConfig, parse_device
 from fklip.errors import ConfigError
 from fklip.runner import as_numpy, images_in_encoding, text_ids_from
 
@@ -29,16 +28,10 @@ class OnnxRunner:
 
     backend = "onnx"
 
-    def __init__(self, cfg: RunnerConfig):
-        if cfg.engine_dir is None:
-            where = f"; {cfg.checkpoint} is a checkpoint, which --engine torch runs" if cfg.checkpoint else ""
-            raise ConfigError(f"--engine onnx runs an export folder: pass --engine-dir (made by "
-                              f"`fklip export CHECKPOINT --out DIR`){where}")
-        if cfg.compile or cfg.cuda_graphs:
-            flag = "--compile" if cfg.compile else "--cuda-graphs"
-            raise ConfigError(f"{flag} applies to --engine torch only")
-        if cfg.threads is not None and cfg.threads < 1:
-            raise ConfigError(f"--threads: expected a positive number, got {cfg.threads}")
+    def __init__(self, cfg: EncodeConfig):
+        # the flags were checked when `cfg` was built (engines.base.build_runner picks by cfg.engine)
+        if cfg.engine != "onnx":
+            raise ConfigError(f"the onnx runner runs --engine onnx configs, got --engine {cfg.engine}")
         kind, index = parse_device(cfg.device)
         self.cfg = cfg
         self.device = "cpu" if kind == "cpu" else f"cuda:{index}"

@@ -27,13 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.base import RunnerConfig
 from export.towers import build_towers
-from fklip.config import check_device, parse_device
+from fklip.config import EncodeConfig, check_device, parse_device
 from fklip.data.archive import model_input_from_batch
 from fklip.errors import ConfigError, DataError
 from fklip.model import load_checkpoint, text_emb_cut, trimmable
-from fklip.precision import ENCODE, FUSED, check_precision
 from fklip.runner import WEIGHT_DTYPES, autocast, image_encoding_of, prepare_model
 
 logger = logging.getLogger(__name__)
@@ -49,21 +47,11 @@ class TorchRunner:
     image_encoding = "float32_chw"
     takes_device_tensors = True  # encode_images accepts batches already on its CUDA device
 
-    def __init__(self, cfg: RunnerConfig):
-        if cfg.checkpoint is None:
-            where = (f"; {cfg.engine_dir} is an export folder, which --engine onnx or trt runs"
-                     if cfg.engine_dir is not None else "")
-            raise ConfigError(f"--engine torch runs a checkpoint: pass --checkpoint{where}")
-        check_precision(cfg.precision, ENCODE, what="the torch engine")
-        if cfg.int8:
-            raise ConfigError("--int8 selects exported int8 graphs; use it with --engine onnx")
-        if cfg.threads is not None and cfg.threads < 1:
-            raise ConfigError(f"--threads: expected a positive number, got {cfg.threads}")
+    def __init__(self, cfg: EncodeConfig):
+        # the flags were checked when `cfg` was built; here, that the device exists
+        if cfg.engine != "torch":
+            raise ConfigError(f"the torch runner runs --engine torch configs, got --engine {cfg.engine}")
         kind, index = parse_device(check_device(cfg.device))
-        if cfg.cuda_graphs and kind != "cuda":
-            raise ConfigError("--cuda-graphs needs a CUDA device (--device cuda)")
-        if cfg.fused:
-            check_precision(cfg.precision, FUSED, what="--fused runs weights in one dtype")
         self.cfg = cfg
         self.device = "cpu" if kind == "cpu" else f"cuda:{index}"
         self.precision = cfg.precision

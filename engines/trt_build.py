@@ -10,13 +10,13 @@ failed build or check leaves nothing behind.
 
 from __future__ import annotations
 
-from engines.base import RunnerConfig
 from engines.trt_runner import TrtRunner
 from export.manifest import TOWER_NAMES, EngineEntry, TrtBlock, sha256_of
 from export.onnx_export import ExportError
 from export.parity import check_tower
 from export.pipeline import StagedExport
 from export.specs import TOLERANCES
+from fklip.config import EncodeConfig
 from fklip.errors import raise_collected
 
 
@@ -26,7 +26,7 @@ def build_trt_engines(staged: StagedExport) -> TrtBlock:
     manifest, folder = staged.manifest, staged.folder
     tolerance = TOLERANCES[manifest.precision]
     entries, problems = {}, []
-    with TrtRunner(RunnerConfig(backend="trt", engine_dir=folder)) as runner:
+    with TrtRunner(EncodeConfig(engine="trt", engine_dir=folder)) as runner:
         runs = {"image": runner.encode_images, "text": runner.encode_texts}
         for name in TOWER_NAMES:
             report, failed = check_tower(runs[name], staged.model, manifest.spec(name), staged.real[name], tolerance)

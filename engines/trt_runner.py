@@ -1,6 +1,6 @@
 """The TensorRT runner: the engines of a `fklip export` folder, one execution context per tower.
 
-    with TrtRunner(RunnerConfig("trt", engine_dir=out, device="cuda")) as runner:
+    with TrtRunner(EncodeConfig("trt", engine_dir=out, device="cuda")) as runner:
         image_emb = runner.encode_images(pixels)  # (B, D) float32
 
 On entry each tower's engine is loaded from `<folder>/engines/<key>/`, or built from the
@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import RunnerConfig
 from export.manifest import MANIFEST_NAME, TOWER_NAMES, ExportManifest
 from export.profiles import profiles_for
 from export.specs import ID_DTYPES, TowerSpec
@@ -30,6 +29,7 @@ from export.trt import (
     require_tensorrt,
     trt_logger,
 )
+from fklip.config import EncodeConfig
 from fklip.data.archive import model_input_from_batch, pixels_from_normalized
 from fklip.errors import ConfigError, DataError, FklipError, raise_collected
 from fklip.precision import EXPORT
@@ -150,7 +150,7 @@ class TrtRunner:
 
     backend = "trt"
 
-    def __init__(self, cfg: RunnerConfig):
+    def __init__(self, cfg: EncodeConfig):
         if cfg.engine_dir is None:
             raise ConfigError("the trt engine needs an export folder written by `fklip export`; none was given")
         self.cfg = cfg

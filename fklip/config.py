@@ -9,7 +9,15 @@ from pathlib import Path
 import torch
 
 from fklip.errors import ConfigError
-from fklip.precision import BENCH, ENCODE, EXPORT, KNOWLEDGE, TRAIN, check_precision
+from fklip.precision import (
+    BENCH,
+    ENCODE,
+    EXPORT,
+    FUSED,
+    KNOWLEDGE,
+    TRAIN,
+    check_precision,
+)
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -84,48 +92,55 @@ def check_encode_precision(precision: str, device: str, flag: str = "--precision
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    """How to run the model: shared by extract and eval."""
+    """How to run the model, for every caller: `fklip extract` and `fklip eval` build it from their
+    flags, the demo and `fklip bench` in code, and `engines.base.build_runner` makes the runner of
+    `engine` from it. torch runs a checkpoint; onnx and trt run a `fklip export` folder, whose
+    precision `precision` may name (fp32, the default, means as exported)."""
 
-    checkpoint: Path | None
+    engine: str = "torch"  # torch | onnx | trt (engines/)
+    checkpoint: Path | None = None  # torch; with onnx or trt, checked to be the export's source
+    engine_dir: Path | None = None  # onnx, trt: a `fklip export` folder
     model: str | None = None
-    trust_checkpoint: bool = False
     truncation: str | None = None
+    trust_checkpoint: bool = False
     device: str = "cpu"
     precision: str = "fp32"
-    image_batch_size: int = 256
-    text_batch_size: int = 256
-    engine: str = "torch"  # torch | onnx | trt (engines/)
-    engine_dir: Path | None = None  # onnx, trt: a `fklip export` folder
-    int8: bool = False  # onnx: the export's int8 graphs
     compile: bool = False  # torch: torch.compile the towers
     cuda_graphs: bool = False  # torch on CUDA: replay captured CUDA graphs
     fused: bool = False  # torch: fklip's re-stated towers (SDPA attention), weights in one dtype
+    int8: bool = False  # onnx: the export's int8 graphs
+    threads: int | None = None  # torch and onnxruntime intra-op threads (None: the library's default)
+    image_batch_size: int = 256
+    text_batch_size: int = 256
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
-        check_encode_precision(self.precision, self.device)
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine: expected one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "torch":
+            check_encode_precision(self.precision, self.device)
             if self.checkpoint is None:
-                raise ConfigError("--engine torch needs --resume CHECKPOINT")
+                where = (f"; {self.engine_dir} is an export folder, which --engine onnx or trt runs"
+                         if self.engine_dir is not None else "")
+                raise ConfigError(f"--engine torch needs --resume CHECKPOINT{where}")
             if self.int8:
                 raise ConfigError("--int8 selects the int8 graphs of an export; use it with --engine onnx")
             if self.cuda_graphs and not self.device.startswith("cuda"):
                 raise ConfigError("--cuda-graphs needs --device cuda")
-            if self.fused and self.precision == "amp":
-                raise ConfigError("--fused runs weights in one dtype: --precision fp32, fp16 or bf16, not amp")
+            if self.fused:
+                check_precision(self.precision, FUSED, what="--fused runs weights in one dtype")
         else:
             if self.compile or self.cuda_graphs or self.fused:
                 flag = "--compile" if self.compile else "--cuda-graphs" if self.cuda_graphs else "--fused"
                 raise ConfigError(f"{flag} applies to --engine torch; the {self.engine} engine runs the export")
             if self.engine_dir is None:
                 raise ConfigError(f"--engine {self.engine} needs --engine-dir, a folder written by `fklip export`")
-            if self.precision != "fp32":
-                raise ConfigError(f"--precision applies to --engine torch; the {self.engine} engine runs "
-                                  "the precision chosen at export (see its manifest.json)")
+            check_precision(self.precision, EXPORT, what=f"the {self.engine} engine runs the precision written "
+                            "at export; fp32 means as exported")
             if self.int8 and self.engine != "onnx":
                 raise ConfigError("--int8 runs onnxruntime's int8 graphs; use it with --engine onnx")
+        if self.threads is not None:
+            check_positive(self.threads, "--threads")
         check_positive(self.image_batch_size, "--img-batch-size")
         check_positive(self.text_batch_size, "--text-batch-size")
 

@@ -82,7 +82,7 @@ def test_extract_through_onnx_and_int8(small_demo, tiny_checkpoint, export_dir, 
 @pytest.mark.parametrize(("args", "message"), [
     (["--engine", "onnx"], "--engine onnx needs --engine-dir"),
     (["--engine", "torch"], "--engine torch needs --resume"),
-    (["--engine", "onnx", "--engine-dir", "EXPORT", "--precision", "bf16"], "--precision applies to --engine torch"),
+    (["--engine", "onnx", "--engine-dir", "EXPORT", "--precision", "bf16"], "--precision bf16: the onnx engine runs the graphs as exported (fp32)"),
     (["--engine", "onnx", "--engine-dir", "EXPORT", "--compile"], "--compile applies to --engine torch"),
     (["--resume", "CKPT", "--int8"], "--int8"),
     (["--resume", "CKPT", "--fused", "--precision", "amp"], "--fused runs weights in one dtype"),

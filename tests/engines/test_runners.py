@@ -18,8 +18,9 @@ import threading
 import numpy as np
 import pytest
 
-from engines.base import BACKENDS, RunnerConfig, build_runner
+from engines.base import BACKENDS, build_runner
 from fklip import pipeline
+from fklip.config import EncodeConfig
 from fklip.errors import ConfigError, DataError, FklipError, MissingDependencyError
 from fklip.runner import tokenizer_for
 
@@ -108,11 +109,11 @@ def _skip_unless_trt() -> None:
         pytest.skip("the trt engine needs a CUDA GPU; torch sees none")
 
 
-# backend -> (how to skip where it cannot run, its RunnerConfig from (checkpoint, export folder))
+# backend -> (how to skip where it cannot run, its EncodeConfig from (checkpoint, export folder))
 CASES = {
-    "torch": (lambda: None, lambda ckpt, export: RunnerConfig("torch", checkpoint=ckpt)),
-    "onnx": (lambda: None, lambda ckpt, export: RunnerConfig("onnx", engine_dir=export)),
-    "trt": (_skip_unless_trt, lambda ckpt, export: RunnerConfig("trt", engine_dir=export, device="cuda")),
+    "torch": (lambda: None, lambda ckpt, export: EncodeConfig("torch", checkpoint=ckpt)),
+    "onnx": (lambda: None, lambda ckpt, export: EncodeConfig("onnx", engine_dir=export)),
+    "trt": (_skip_unless_trt, lambda ckpt, export: EncodeConfig("trt", engine_dir=export, device="cuda")),
 }
 
 
@@ -120,7 +121,7 @@ CASES = {
 BACKEND_GRAPHS = [(b, g) for b in sorted(BACKENDS) for g in ("float", "uint8") if (b, g) != ("torch", "uint8")]
 
 
-def _case(backend: str, ckpt, export) -> RunnerConfig:
+def _case(backend: str, ckpt, export) -> EncodeConfig:
     skip, cfg = CASES[backend]
     skip()
     return cfg(ckpt, export)
@@ -277,7 +278,7 @@ def test_torch_precisions_match_the_plain_path(precision, tiny_checkpoint, tiny_
 
     ckpt, model = _plain_model(tiny_checkpoint, "cpu", precision)
     texts = _texts(20)
-    with build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, precision=precision, threads=1)) as runner, \
+    with build_runner(EncodeConfig("torch", checkpoint=tiny_checkpoint, precision=precision, threads=1)) as runner, \
             ImageArchive(tiny_archives["uint8_hwc"]) as archive:
         ids = archive.ids[:20]
         images = pipeline.encode_archive(runner, archive, 7, image_ids=ids)
@@ -291,7 +292,7 @@ def test_torch_precisions_match_the_plain_path(precision, tiny_checkpoint, tiny_
 @pytest.mark.parametrize("ids_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("graph", ["float", "uint8"])
 def test_onnx_casts_ids_of_either_dtype(graph, ids_dtype, tiny_exports, reference):
-    with build_runner(RunnerConfig("onnx", engine_dir=tiny_exports[graph])) as runner:
+    with build_runner(EncodeConfig("onnx", engine_dir=tiny_exports[graph])) as runner:
         ids = tokenizer_for(runner)(_texts(N_IMAGES)).numpy().astype(ids_dtype)  # (N, 77)
         got = runner.encode_texts(ids)
     assert runner.ids_dtype == {"float": "int32", "uint8": "int64"}[graph]
@@ -302,7 +303,7 @@ def test_onnx_int8_graphs(tiny_exports, tiny_archives, reference):
     from fklip.data.archive import ImageArchive
 
     export = tiny_exports["float"]
-    with build_runner(RunnerConfig("onnx", engine_dir=export, int8=True)) as runner, \
+    with build_runner(EncodeConfig("onnx", engine_dir=export, int8=True)) as runner, \
             ImageArchive(tiny_archives["uint8_hwc"]) as archive:
         assert runner.precision == "int8"
         images = pipeline.encode_archive(runner, archive, 7)
@@ -314,7 +315,7 @@ def test_onnx_int8_graphs(tiny_exports, tiny_archives, reference):
 def test_onnx_splits_batches_above_max_batch(tiny_exports, tiny_archives):
     from fklip.data.archive import ImageArchive
 
-    with build_runner(RunnerConfig("onnx", engine_dir=tiny_exports["float"])) as runner, \
+    with build_runner(EncodeConfig("onnx", engine_dir=tiny_exports["float"])) as runner, \
             ImageArchive(tiny_archives["float32_chw"]) as archive:
         session, seen = runner._sessions["image"], []
 
@@ -470,7 +471,7 @@ def test_batch_conversions_equal_the_per_image_conversions():
 
 
 def test_runners_refuse_bad_inputs(tiny_checkpoint, tiny_exports):
-    for cfg in (RunnerConfig("torch", checkpoint=tiny_checkpoint), RunnerConfig("onnx", engine_dir=tiny_exports["float"])):
+    for cfg in (EncodeConfig("torch", checkpoint=tiny_checkpoint), EncodeConfig("onnx", engine_dir=tiny_exports["float"])):
         with build_runner(cfg) as runner:
             with pytest.raises(DataError, match="context length 77"):
                 runner.encode_texts(np.ones((2, 78), np.int64))
@@ -479,7 +480,7 @@ def test_runners_refuse_bad_inputs(tiny_checkpoint, tiny_exports):
             with pytest.raises(DataError, match="expected float32"):
                 runner.encode_images(np.zeros((2, 3, 32, 32), np.float32))
             assert runner.encode_images(np.zeros((0, 64, 64, 3), np.uint8)).shape == (0, 64)
-    with build_runner(RunnerConfig("onnx", engine_dir=tiny_exports["float"])) as runner, \
+    with build_runner(EncodeConfig("onnx", engine_dir=tiny_exports["float"])) as runner, \
             pytest.raises(DataError, match="int32"):  # the graph takes int32 ids
         runner.encode_texts(np.array([[49406, 2**33, 49407]], np.int64))
 
@@ -487,25 +488,25 @@ def test_runners_refuse_bad_inputs(tiny_checkpoint, tiny_exports):
 def test_config_errors(tiny_checkpoint, tiny_exports):
     export = tiny_exports["float"]
     with pytest.raises(ConfigError, match="is an export folder"):
-        build_runner(RunnerConfig("torch", engine_dir=export))
-    with pytest.raises(ConfigError, match="is a checkpoint"):
-        build_runner(RunnerConfig("onnx", checkpoint=tiny_checkpoint))
-    with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA device"):
-        build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, cuda_graphs=True))
+        build_runner(EncodeConfig("torch", engine_dir=export))
+    with pytest.raises(ConfigError, match="--engine onnx needs --engine-dir"):
+        build_runner(EncodeConfig("onnx", checkpoint=tiny_checkpoint))
+    with pytest.raises(ConfigError, match="--cuda-graphs needs --device cuda"):
+        build_runner(EncodeConfig("torch", checkpoint=tiny_checkpoint, cuda_graphs=True))
     with pytest.raises(ConfigError, match="--device"):
-        build_runner(RunnerConfig("onnx", engine_dir=export, device="gpu0"))
+        build_runner(EncodeConfig("onnx", engine_dir=export, device="gpu0"))
     with pytest.raises(ConfigError, match="--compile applies to --engine torch"):
-        build_runner(RunnerConfig("onnx", engine_dir=export, compile=True))
+        build_runner(EncodeConfig("onnx", engine_dir=export, compile=True))
     with pytest.raises(ConfigError, match="--engine"):
-        build_runner(RunnerConfig("tflite"))
+        build_runner(EncodeConfig("tflite"))
     with pytest.raises(ConfigError, match="no int8 graphs"):
-        build_runner(RunnerConfig("onnx", engine_dir=tiny_exports["uint8"], int8=True)).__enter__()
+        build_runner(EncodeConfig("onnx", engine_dir=tiny_exports["uint8"], int8=True)).__enter__()
     with pytest.raises(ConfigError, match="--precision fp16"):
-        build_runner(RunnerConfig("onnx", engine_dir=export, precision="fp16")).__enter__()
+        build_runner(EncodeConfig("onnx", engine_dir=export, precision="fp16")).__enter__()
 
 
 def test_runners_describe_their_model(tiny_checkpoint, tiny_exports, tiny_spec):
-    for cfg in (RunnerConfig("torch", checkpoint=tiny_checkpoint), RunnerConfig("onnx", engine_dir=tiny_exports["uint8"])):
+    for cfg in (EncodeConfig("torch", checkpoint=tiny_checkpoint), EncodeConfig("onnx", engine_dir=tiny_exports["uint8"])):
         with build_runner(cfg) as runner:
             assert (runner.model_name, runner.truncation, runner.embed_dim, runner.image_size, runner.context_length) \
                 == (tiny_spec.name, "original", 64, 64, 77)
@@ -523,7 +524,7 @@ def test_onnx_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_exports, monkey
     # as onnxruntime (CPU) is here; with onnxruntime-gpu installed the answer must be the same
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(MissingDependencyError, match="onnxruntime-gpu"):
-        build_runner(RunnerConfig("onnx", engine_dir=tiny_exports["float"], device="cuda:0")).__enter__()
+        build_runner(EncodeConfig("onnx", engine_dir=tiny_exports["float"], device="cuda:0")).__enter__()
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
@@ -539,7 +540,7 @@ def test_onnx_cuda_never_falls_back_to_the_cpu(tiny_exports, monkeypatch):
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(onnxruntime, "InferenceSession", CpuOnly)
     with pytest.raises(FklipError, match="instead of CUDAExecutionProvider"):
-        build_runner(RunnerConfig("onnx", engine_dir=tiny_exports["float"], device="cuda")).__enter__()
+        build_runner(EncodeConfig("onnx", engine_dir=tiny_exports["float"], device="cuda")).__enter__()
 
 
 def test_onnx_session_raises_instead_of_rerunning_on_the_cpu(tiny_exports):
@@ -583,7 +584,7 @@ def test_tampered_graph(export_copy):
     with pytest.raises(DataError, match=r"image\.onnx was modified after export"):
         ExportManifest.read(export_copy)
     with pytest.raises(DataError, match="modified after export"):
-        build_runner(RunnerConfig("onnx", engine_dir=export_copy)).__enter__()
+        build_runner(EncodeConfig("onnx", engine_dir=export_copy)).__enter__()
     ExportManifest.read(export_copy, int8=True)  # the int8 pair is untouched
 
 
@@ -619,7 +620,7 @@ def test_exports_without_the_activation_still_run(export_copy, tiny_exports):
     manifest_path.write_text(json.dumps(manifest))
     features = []
     for folder in (export_copy, tiny_exports["float"]):
-        with build_runner(RunnerConfig("onnx", engine_dir=folder)) as runner:
+        with build_runner(EncodeConfig("onnx", engine_dir=folder)) as runner:
             features.append(pipeline.encode_texts(runner, tokenizer_for(runner), _texts(9), 4))
     np.testing.assert_array_equal(features[0], features[1])
 
@@ -631,7 +632,7 @@ def test_fused_towers_match_the_plain_path(precision, tiny_checkpoint, tiny_arch
 
     tol = ({"min_cosine": 0.99999, "max_abs": 1e-5} if precision == "fp32"
            else {"min_cosine": 0.999, "max_abs": 2e-2})
-    cfg = RunnerConfig("torch", checkpoint=tiny_checkpoint, fused=True, precision=precision)
+    cfg = EncodeConfig("torch", checkpoint=tiny_checkpoint, fused=True, precision=precision)
     with build_runner(cfg) as runner:
         assert runner.model is None and set(runner._towers) == {"image", "text"}
         for encoding in ("uint8_hwc", "float32_chw"):
@@ -645,7 +646,7 @@ def test_fused_towers_match_the_plain_path(precision, tiny_checkpoint, tiny_arch
 
 def test_fused_towers_take_one_weight_dtype(tiny_checkpoint):
     with pytest.raises(ConfigError, match=r"--precision: expected one of fp32, fp16, bf16 \(--fused runs weights in one dtype\)"):
-        build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, fused=True, precision="amp"))
+        build_runner(EncodeConfig("torch", checkpoint=tiny_checkpoint, fused=True, precision="amp"))
 
 
 # ---- torch.compile (CPU: about a minute of compiling on two cores), GPU: CUDA graphs, pinned memory
@@ -656,7 +657,7 @@ def test_torch_compile_matches_eager(tiny_checkpoint, tiny_archives, reference):
     from fklip.data.archive import ImageArchive
 
     texts = _texts(N_IMAGES)[:7]
-    with build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, compile=True)) as runner, \
+    with build_runner(EncodeConfig("torch", checkpoint=tiny_checkpoint, compile=True)) as runner, \
             ImageArchive(tiny_archives["uint8_hwc"]) as archive:
         images = runner.encode_images(archive.read_batch(archive.ids[:7]))
         got = pipeline.encode_texts(runner, tokenizer_for(runner), texts, 7)
@@ -678,7 +679,7 @@ def test_torch_cuda_matches_the_plain_path_on_cuda(options, tiny_checkpoint, tin
     ckpt, model = _plain_model(tiny_checkpoint, "cuda", ref_precision)
     tol = {"min_cosine": 0.99999, "max_abs": 1e-4} if precision == "fp32" else {"min_cosine": 0.999, "max_abs": 2e-2}
     texts = _texts(N_IMAGES)
-    with build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, device="cuda", **options)) as runner:
+    with build_runner(EncodeConfig("torch", checkpoint=tiny_checkpoint, device="cuda", **options)) as runner:
         for encoding in ("uint8_hwc", "float32_chw"):
             with ImageArchive(tiny_archives[encoding]) as archive:
                 ref = plain_images(model, archive, 256, "cuda", precision=ref_precision)
@@ -713,12 +714,12 @@ def test_cuda_graph_capture_while_another_thread_pins_and_copies(tiny_checkpoint
 
     with ImageArchive(tiny_archives["uint8_hwc"]) as archive:
         batch = archive.read_batch(archive.ids[:N_IMAGES])
-    with build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, device="cuda")) as runner:
+    with build_runner(EncodeConfig("torch", checkpoint=tiny_checkpoint, device="cuda")) as runner:
         ref = runner.encode_images(batch)
     worker = threading.Thread(target=pin_and_copy, daemon=True)
     worker.start()
     try:
-        with build_runner(RunnerConfig("torch", checkpoint=tiny_checkpoint, device="cuda", cuda_graphs=True)) as runner:
+        with build_runner(EncodeConfig("torch", checkpoint=tiny_checkpoint, device="cuda", cuda_graphs=True)) as runner:
             for size in (1, 2, 3, 5, 8, N_IMAGES):  # a capture per new shape
                 assert_within(runner.encode_images(batch[:size]), ref[:size], {"min_cosine": 0.99999, "max_abs": 1e-4})
             assert len(runner._graphs) >= 6
@@ -736,7 +737,7 @@ def test_onnx_on_cuda(tiny_exports, tiny_archives, reference):
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime here has no CUDA provider (install onnxruntime-gpu)")
     export = tiny_exports["uint8"]
-    with build_runner(RunnerConfig("onnx", engine_dir=export, device="cuda")) as runner, \
+    with build_runner(EncodeConfig("onnx", engine_dir=export, device="cuda")) as runner, \
             ImageArchive(tiny_archives["uint8_hwc"]) as archive:
         got = pipeline.encode_archive(runner, archive, 64)
     assert_within(got, reference["uint8_hwc"], _tolerance(export, "image"))

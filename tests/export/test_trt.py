@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from engines.base import RunnerConfig
 from engines.trt_runner import (
     TORCH_DTYPES,
     TRT_DTYPE_NAMES,
@@ -46,6 +45,7 @@ from export.trt import (
     require_tensorrt,
     timing_cache_path,
 )
+from fklip.config import EncodeConfig
 from fklip.data.archive import normalized_from_pixels, pixels_from_normalized
 from fklip.errors import (
     ConfigError,
@@ -435,7 +435,7 @@ def test_tiny_export_graphs_match_their_oracles(tmp_path):
 
 def test_runner_reads_the_manifest_and_needs_tensorrt_to_enter(tmp_path, monkeypatch):
     folder, _, _ = write_tiny_export(tmp_path, uint8_input=True, ids_dtype="int64")
-    runner = TrtRunner(RunnerConfig("trt", engine_dir=folder))
+    runner = TrtRunner(EncodeConfig("trt", engine_dir=folder))
     assert (runner.backend, runner.embed_dim, runner.image_size, runner.context_length) == ("trt", D, S, CONTEXT)
     assert runner.image_encoding == "uint8_hwc" and runner.max_batch == 3 and runner.device == "cuda"
     m = runner.manifest
@@ -451,8 +451,8 @@ def test_runner_reads_the_manifest_and_needs_tensorrt_to_enter(tmp_path, monkeyp
 
 
 def test_manifest_problems_are_collected(tmp_path):
-    with pytest.raises(ConfigError, match="export folder"):
-        TrtRunner(RunnerConfig("trt"))
+    with pytest.raises(ConfigError, match="--engine trt needs --engine-dir"):
+        TrtRunner(EncodeConfig("trt"))
     folder, _, _ = write_tiny_export(tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["precision"] = "fp8"
@@ -471,7 +471,7 @@ def test_manifest_problems_are_collected(tmp_path):
         trt_manifest(folder)
     (folder / "text.onnx").write_bytes(b"changed")
     with pytest.raises(DataError, match="modified after export"):  # the graphs' hashes are checked
-        TrtRunner(RunnerConfig("trt", engine_dir=folder))
+        TrtRunner(EncodeConfig("trt", engine_dir=folder))
 
 
 def test_image_input_converts_between_encodings():
@@ -527,7 +527,7 @@ class OnnxAsTrt:
         from engines.onnx_runner import OnnxRunner
 
         self.folder, self.image_shift = cfg.engine_dir, image_shift
-        self.inner = OnnxRunner(RunnerConfig("onnx", engine_dir=cfg.engine_dir))
+        self.inner = OnnxRunner(EncodeConfig("onnx", engine_dir=cfg.engine_dir))
         self.engine_keys, self.plans = {}, {}
 
     def __enter__(self):
@@ -638,7 +638,7 @@ def test_trt_runner_matches_the_oracle_and_reuses_engines(tmp_path, uint8_input,
     chw = np.stack([normalized_from_pixels(p) for p in hwc])
     ids = random_inputs(text_tower_spec(CONTEXT, D, ids_dtype), 8, seed=3)
     expected_image = image_oracle(hwc if uint8_input else chw)
-    cfg = RunnerConfig("trt", engine_dir=folder, device="cuda")
+    cfg = EncodeConfig("trt", engine_dir=folder, device="cuda")
     with TrtRunner(cfg) as runner:
         assert runner.built == {"image": True, "text": True}
         for pixels in (hwc, chw, torch.from_numpy(chw).cuda(), torch.from_numpy(hwc).cuda()):
