@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from engines.base import build_runner
 from engines.measure import (
@@ -41,8 +42,18 @@ from engines.measure import (
     summary,
     token_lengths,
 )
+from export.onnx_export import require_onnx
+from export.trt import require_tensorrt
 from fklip.config import ENGINES, BenchConfig, EncodeConfig, bench_combo_problem
+from fklip.data.archive import pixels_from_normalized
 from fklip.errors import ConfigError, FklipError, MissingDependencyError
+from fklip.model import (
+    ModelSpec,
+    build_model,
+    build_tokenizer,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fklip.timing import environment
 
 logger = logging.getLogger(__name__)
@@ -57,7 +68,6 @@ def require_engine(engine: str, device: str) -> None:
     """Raise the error that stops `engine` from running on `device` (one line naming what to install)."""
     cuda = device.startswith("cuda")
     if engine == "onnx":
-        from export.onnx_export import require_onnx
 
         _, ort = require_onnx()
         if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -66,7 +76,6 @@ def require_engine(engine: str, device: str) -> None:
     elif engine == "trt":
         if not cuda:
             raise ConfigError("--engine trt: TensorRT runs on a CUDA device; pass --device cuda")
-        from export.trt import require_tensorrt
 
         require_tensorrt()
 
@@ -117,9 +126,6 @@ def torch_options(cfg: BenchConfig, precision: str) -> dict:
 
 def _model(cfg: BenchConfig):
     """(open_clip model in fp32 on the CPU, its ModelSpec): the checkpoint's, or seeded random weights."""
-    import torch
-
-    from fklip.model import ModelSpec, build_model, load_checkpoint
 
     if cfg.checkpoint is not None:
         loaded = load_checkpoint(cfg.checkpoint, model_name=cfg.model, trust=cfg.trust_checkpoint)
@@ -133,8 +139,6 @@ def _inputs(spec, cfg: BenchConfig, cuda: bool) -> dict[str, np.ndarray]:
     """Demo garments and captions: CLIP-normalised float32 (N, 3, S, S) on the CPU; uint8 (N, S, S, 3)
     pixels for CUDA (normalised on the device, a quarter of the bytes to copy). At most
     MAX_UNIQUE of each are drawn, then repeated (drawing is ~7 ms an image at 224 px)."""
-    from fklip.data.archive import pixels_from_normalized
-    from fklip.model import build_tokenizer
 
     pixels, ids, _ = build_inputs(spec.image_size, build_tokenizer(spec), min(cfg.images, MAX_UNIQUE),
                                   min(cfg.texts, MAX_UNIQUE), cfg.seed)
@@ -162,9 +166,6 @@ def _figures(summary_rows: dict) -> dict:
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     """Measure what `cfg` selects; returns the result (see `format_table` and the JSON line)."""
-    import torch
-
-    from fklip.model import save_checkpoint
 
     runs, skipped = plan_bench(cfg)  # before any slow work
     cuda = cfg.device.startswith("cuda")

@@ -15,6 +15,7 @@ gpu_bench.py, the pytest-benchmark suites).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from engines.trt_build import build_trt_engines
+from export.onnx_export import ExportError
+from export.pipeline import run_export
+from fklip.config import ExportConfig
+from fklip.data.archive import model_input_from_batch, normalized_from_pixels
+from fklip.data.demo_dataset import caption_and_phrases, sample_garment
+from fklip.data.garments import draw_garment
 from fklip.retrieval import tile_sizes, topk_chunked
 from fklip.retrieval.fused import resolve_method
 from fklip.timing import measure_variants
@@ -51,9 +60,6 @@ class Backend:
 def build_inputs(image_size: int, tokenizer, n_images: int, n_texts: int, seed: int):
     """(N, 3, S, S) CLIP-normalised demo garments, (M, context) int64 ids of demo captions, and
     the captions."""
-    from fklip.data.archive import normalized_from_pixels
-    from fklip.data.demo_dataset import caption_and_phrases, sample_garment
-    from fklip.data.garments import draw_garment
 
     rng = np.random.default_rng(seed)
     pixels = np.stack([normalized_from_pixels(draw_garment(sample_garment(rng), image_size, rng)[0])
@@ -74,11 +80,6 @@ def open_clip_backend(model, device: str = "cpu", autocast: bool = False, name: 
     + F.normalize, under fp16 autocast on CUDA when `autocast`; numpy in, float32 numpy out.
     uint8 (B, S, S, 3) pixels (`image_encoding` "uint8_hwc") are normalised on the device; pixels
     go in as the model's weights' dtype (fp16 for a `.half()` model)."""
-    import contextlib
-
-    import torch.nn.functional as F
-
-    from fklip.data.archive import model_input_from_batch
 
     dtype = next(model.parameters()).dtype
 
@@ -102,10 +103,6 @@ def make_exports(ckpt: Path, tmp: Path, precisions: Sequence[str], int8: bool = 
     for `batch`; image graphs taking uint8 pixels when `uint8_input`. Returns {precision: folder} ("int8": the fp32 folder, when its int8 graphs met
     their tolerance) and what building them took (an int8 export outside its tolerance is
     redone without --int8 and the error kept under "int8_export_error")."""
-    from engines.trt_build import build_trt_engines
-    from export.onnx_export import ExportError
-    from export.pipeline import run_export
-    from fklip.config import ExportConfig
 
     folders, facts = {}, {}
     for precision in dict.fromkeys(("fp32",) * int8 + tuple(precisions) + tuple(trt)):

@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from export.manifest import ExportManifest
+from export.onnx_export import ort_session
 from fklip.config import EncodeConfig, parse_device
 from fklip.errors import ConfigError
 from fklip.runner import as_numpy, images_in_encoding, text_ids_from
@@ -41,7 +42,6 @@ class OnnxRunner:
     # ---- resources
 
     def __enter__(self) -> OnnxRunner:  # noqa: PYI034 (typing.Self is Python 3.11+)
-        from export.onnx_export import ort_session
 
         cfg = self.cfg
         manifest = ExportManifest.read(cfg.engine_dir, int8=cfg.int8)

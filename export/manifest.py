@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata as md
 import json
 import logging
 import os
@@ -26,7 +27,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy
+import open_clip
+import torch
+
 from export.specs import TensorSpec, Tolerance, TowerSpec
+from fklip import __version__
 from fklip.errors import ConfigError, DataError, raise_collected
 from fklip.io import atomic_output
 from fklip.model import ACTIVATIONS
@@ -68,15 +74,9 @@ def file_entry(path: Path) -> dict:
 
 def library_versions() -> dict:
     """Versions of everything that shaped the graphs (tensorrt only when it is installed)."""
-    import importlib.metadata as md
 
-    import numpy
     import onnx
     import onnxruntime
-    import open_clip
-    import torch
-
-    from fklip import __version__
 
     versions = {"fklip": __version__, "torch": str(torch.__version__), "open_clip": str(open_clip.__version__),
                 "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from export.specs import TowerSpec, random_inputs
+from export.towers import Fp32LayerNorm
 from fklip.errors import FklipError, MissingDependencyError, raise_collected
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ def onnx_from_tower(tower: torch.nn.Module, spec: TowerSpec, path: Path, opset: 
 
 
 def count_layernorms(tower: torch.nn.Module) -> int:
-    from export.towers import Fp32LayerNorm
 
     return sum(isinstance(m, Fp32LayerNorm) for m in tower.modules())
 

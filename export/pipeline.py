@@ -36,10 +36,20 @@ from export.manifest import (
 )
 from export.onnx_export import ExportError, onnx_from_tower, ort_session, require_onnx
 from export.parity import check_tower
+from export.quantize import TOWER_RECIPES, int8_cpu_from_onnx
 from export.specs import TOLERANCES, TowerSpec, image_tower_spec, text_tower_spec
+from export.towers import build_towers
+from export.trt import device_facts, require_tensorrt
 from fklip.config import ExportConfig
+from fklip.data.archive import (
+    ImageArchive,
+    normalized_from_pixels,
+    pixels_from_normalized,
+)
+from fklip.data.jsonl import read_text_queries
 from fklip.errors import ConfigError, raise_collected
 from fklip.io import staged_folder
+from fklip.model import build_tokenizer, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +78,6 @@ def run_export(cfg: ExportConfig, build_engines: EngineBuilder | None = None) ->
     passes it) builds the engines in the staging folder once the manifest of the graphs is
     written there, and the block it returns joins the manifest.
     """
-    from fklip.model import load_checkpoint
 
     if cfg.trt and build_engines is None:
         raise ValueError("run_export: cfg.trt needs build_engines (engines.trt_build.build_trt_engines)")
@@ -126,7 +135,6 @@ def _check_out(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> No
 
 def _trt_preflight() -> dict:
     """TensorRT importable and a CUDA GPU present, or one line saying what is missing."""
-    from export.trt import device_facts, require_tensorrt
 
     require_tensorrt()
     return device_facts()
@@ -137,11 +145,6 @@ def _real_inputs(cfg: ExportConfig, ckpt, specs: dict[str, TowerSpec]) -> dict[s
     real: dict[str, np.ndarray | None] = {"image": None, "text": None}
     n = cfg.parity_samples
     if cfg.parity_images is not None:
-        from fklip.data.archive import (
-            ImageArchive,
-            normalized_from_pixels,
-            pixels_from_normalized,
-        )
 
         with ImageArchive(cfg.parity_images) as archive:
             archive.check_image_size(ckpt.spec.image_size, ckpt.spec.name)
@@ -154,8 +157,6 @@ def _real_inputs(cfg: ExportConfig, ckpt, specs: dict[str, TowerSpec]) -> dict[s
             batch = normalized_from_pixels(batch)
         real["image"] = batch
     if cfg.parity_texts is not None:
-        from fklip.data.jsonl import read_text_queries
-        from fklip.model import build_tokenizer
 
         queries = read_text_queries(cfg.parity_texts)[:n]
         ids = build_tokenizer(ckpt.spec)([q.query_text for q in queries]).numpy()
@@ -185,7 +186,6 @@ def _graph_runner(path: Path, spec: TowerSpec) -> tuple[Callable[[np.ndarray], n
 
 
 def _export_towers(model, specs, real, precision: str, uint8_input: bool, folder: Path) -> dict[str, TowerEntry]:
-    from export.towers import build_towers
 
     towers = build_towers(model, precision, uint8_input)
     entries, problems = {}, []
@@ -206,7 +206,6 @@ def _export_towers(model, specs, real, precision: str, uint8_input: bool, folder
 
 
 def _export_int8(model, specs, real, folder: Path) -> dict[str, Int8Entry]:
-    from export.quantize import TOWER_RECIPES, int8_cpu_from_onnx
 
     entries, problems = {}, []
     for name, spec in specs.items():

@@ -28,6 +28,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIP
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from fklip.data.archive import CLIP_MEAN, CLIP_STD
@@ -173,7 +175,6 @@ class ExportBlock(nn.Module):
 
 def _blocks(transformer, attention: str, one_token_last: bool) -> nn.ModuleList:
     """The transformer's blocks; with one_token_last, the last one ready for `forward_one`."""
-    from open_clip.transformer import ResidualAttentionBlock
 
     if not transformer.batch_first:
         raise ConfigError("export: only batch-first transformers are supported")
@@ -195,7 +196,6 @@ class ImageTower(nn.Module):
     def __init__(self, visual, precision: str = "fp32", uint8_input: bool = False,
                  attention: str = "explicit"):
         super().__init__()
-        from open_clip.transformer import VisionTransformer
 
         if type(visual) is not VisionTransformer:
             raise ConfigError(f"export: unsupported image tower {type(visual).__name__}; "
@@ -275,7 +275,6 @@ class TextTower(nn.Module):
 
     def __init__(self, model, precision: str = "fp32", attention: str = "explicit"):
         super().__init__()
-        from open_clip.model import CLIP
 
         if type(model) is not CLIP:
             raise ConfigError(f"export: unsupported text tower in {type(model).__name__}; "

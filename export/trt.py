@@ -27,6 +27,8 @@ import re
 import time
 from pathlib import Path
 
+import torch
+
 from export.profiles import ShapeRange, profiles_as_dict
 from fklip.errors import (
     ConfigError,
@@ -164,7 +166,6 @@ def require_tensorrt():
 def device_facts(device: str | None = None, trt=None) -> dict:
     """What an engine is specific to: GPU name, compute capability ("9.0"), TensorRT version;
     with the CUDA version torch was built with, for the record."""
-    import torch
 
     if not torch.cuda.is_available():
         raise NotAvailableError("--trt needs a CUDA GPU; torch.cuda.is_available() is False")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import torch
+
 from fklip.errors import CheckpointError
 
 # Module classes of a TorchScript archive -> the activation fklip records.
@@ -128,7 +130,6 @@ def _named_global(error: str) -> str | None:
 def read_checkpoint_file(path: Path, trust: bool) -> CheckpointFile:
     """A TorchScript archive's state dict, or the unpickled object: tensors and plain containers
     only, unless `trust` (--trust-checkpoint) allows running the file's pickled code."""
-    import torch
 
     if _is_torchscript(path):
         try:

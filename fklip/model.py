@@ -20,19 +20,28 @@ a file that needs more is refused unless the caller passes `trust=True` (`--trus
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import open_clip
+import torch
+from open_clip import tokenizer as oc_tokenizer
+from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.tokenizer import SimpleTokenizer
 
+from fklip import __version__
 from fklip.checkpoint_file import read_checkpoint_file
 from fklip.errors import CheckpointError, ConfigError, OutputError
+from fklip.io import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +69,12 @@ _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 @functools.cache
 def _register_fklip_configs() -> None:
-    import open_clip
 
     open_clip.add_model_config(FKLIP_CONFIG_DIR)
 
 
 def list_model_names() -> list[str]:
     """Every model name `build_model` accepts (open_clip's configs, fklip's, and the aliases)."""
-    import open_clip
 
     _register_fklip_configs()
     return sorted(open_clip.list_models()) + sorted(MODEL_ALIASES)
@@ -75,9 +82,6 @@ def list_model_names() -> list[str]:
 
 def model_config(name: str) -> tuple[str, dict]:
     """(canonical name, open_clip config dict) for a model name; ConfigError names the flag."""
-    import difflib
-
-    import open_clip
 
     _register_fklip_configs()
     canonical = MODEL_ALIASES.get(name, name)
@@ -133,7 +137,6 @@ class ModelSpec:
 
 def _model_class(cfg: dict):
     """The open_clip class for a config: an explicit table, never a guess from the name."""
-    from open_clip.model import CLIP, CustomTextCLIP
 
     if "hf_model_name" in cfg.get("text_cfg", {}):
         raise ConfigError("--model: configs with a Hugging Face text tower need downloads; "
@@ -154,7 +157,6 @@ def build_model(spec: ModelSpec):
 def trimmable(model) -> bool:
     """True for the causal, argmax-pooled CLIP text towers whose positions after the end token
     cannot change the features (`encode_text_trimmed`, `text_emb_cut`)."""
-    from open_clip.model import CLIP
 
     return (isinstance(model, CLIP) and model.text_pool_type == "argmax"
             and getattr(model, "attn_mask", None) is not None)
@@ -163,7 +165,6 @@ def trimmable(model) -> bool:
 def text_emb_cut(model, tokens):
     """`model.encode_text` for ids already cut after the batch's last end token: (B, L) -> (B, D),
     the text tower run over L positions only. No host sync (CUDA graphs can capture it)."""
-    import torch
 
     length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
@@ -212,7 +213,6 @@ class Tokenizer:
     """
 
     def __init__(self, truncation: str = "original", context_length: int = 77):
-        from open_clip.tokenizer import SimpleTokenizer
 
         if truncation not in TRUNCATIONS:
             raise ConfigError(f"--truncation: expected one of {', '.join(TRUNCATIONS)}, "
@@ -224,7 +224,6 @@ class Tokenizer:
         self.eot_id = self._bpe.eot_token_id
         self.encode = functools.lru_cache(maxsize=65536)(self._encode)
         self._words: dict[str, tuple[int, ...]] = {}  # pre-token -> its BPE ids
-        from open_clip import tokenizer as oc_tokenizer
 
         self._plain_lower = self._bpe.clean_fn is oc_tokenizer._clean_lower  # the cleaning _bpe_ids can skip
 
@@ -259,7 +258,6 @@ class Tokenizer:
 
     def __call__(self, texts: str | Sequence[str]):
         """(B, context_length) int64 token ids, zero-padded."""
-        import torch
 
         if isinstance(texts, str):
             texts = [texts]
@@ -294,7 +292,6 @@ class Checkpoint:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    import torch
 
     return isinstance(obj, dict) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -507,10 +504,6 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None,
 
 def checkpoint_meta(spec: ModelSpec) -> dict:
     """The self-description stored in every fklip checkpoint."""
-    import open_clip
-    import torch
-
-    from fklip import __version__
 
     return {
         "format": CHECKPOINT_FORMAT,
@@ -533,9 +526,6 @@ def save_checkpoint(path: str | os.PathLike, model, spec: ModelSpec, *, epoch: i
     It also carries the original's `epoch` and `state_dict` (keys prefixed `module.`, as the
     original's DDP checkpoints), so the original's scripts can read it too.
     """
-    import torch
-
-    from fklip.io import atomic_output
 
     state_dict = {f"module.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
     obj = {"fklip": checkpoint_meta(spec), "epoch": int(epoch), "name": name or spec.name,
@@ -544,7 +534,6 @@ def save_checkpoint(path: str | os.PathLike, model, spec: ModelSpec, *, epoch: i
         try:
             torch.save(obj, tmp)
         except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) this way
-            import shutil
 
             free = shutil.disk_usage(Path(path).parent).free
             raise OutputError(f"cannot write {path}: {str(e).strip()[:160]} ({free / 2**20:.1f} MiB free "

@@ -7,6 +7,7 @@ earlier feature line wins), results independent of the chunk sizes.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from fklip.config import PredictConfig, SearchConfig
 from fklip.data.features import check_same_dim, npy_ids_path, read_features
@@ -33,6 +35,7 @@ from fklip.retrieval import (
     failure_json,
     recall_at_ks,
     score_json,
+    topk_both_ways,
     topk_chunked,
 )
 
@@ -105,7 +108,6 @@ def check_targets(gold: Gold, candidate_keys: Sequence[str], candidates: str) ->
 def search(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, cfg: SearchConfig,
            desc: str) -> np.ndarray:
     """(Q, min(k, N)) int64 indices of each query's best gallery rows, best first, exact."""
-    from tqdm import tqdm
 
     device = torch.device(cfg.device)
     if isinstance(gallery, np.memmap):
@@ -129,7 +131,6 @@ def search(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tenso
 def search_both_ways(texts: torch.Tensor, images: torch.Tensor, cfg: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
     """(text->image, image->text) indices from one matrix product per tile instead of two; the
     same results as two `search` calls (fklip.retrieval.topk_both_ways)."""
-    from fklip.retrieval import topk_both_ways
 
     device = torch.device(cfg.device)
     (_, t2i), (_, i2t) = topk_both_ways(texts.to(device), images.to(device), cfg.top_k,
@@ -141,7 +142,6 @@ def search_both_ways(texts: torch.Tensor, images: torch.Tensor, cfg: SearchConfi
 def write_predictions(path: Path, query_field: str, query_ids: Sequence[Id],
                       gallery_ids: Sequence[Id], indices: np.ndarray) -> None:
     """The original's prediction file: {query_field: id, "item_ids": [top-k ids, best first]}."""
-    import json
 
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for qid, row in zip(query_ids, indices.tolist()):

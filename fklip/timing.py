@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
@@ -165,7 +166,6 @@ def _version(*distributions: str) -> str | None:
 
 def environment(device: str = "cpu", threads: int | None = None, command: str | None = None) -> dict:
     """Machine, GPU, library versions, threads, date and command, for the JSON line."""
-    import numpy as np
 
     env = {**cpu_facts(), "device": device, "gpu": None, "cuda": torch.version.cuda,
            "threads": threads, "torch_threads": torch.get_num_threads(),

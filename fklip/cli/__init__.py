@@ -44,6 +44,9 @@ class FklipGroup(click.Group):
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # `fklip` alone: the help, as click shows it
+            click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message(), err=True)
+            raise click.exceptions.Exit(e.exit_code) from None
         except click.UsageError as e:
             _error(_usage_line(e))
             raise click.exceptions.Exit(e.exit_code) from None
@@ -53,6 +56,9 @@ class FklipGroup(click.Group):
             return super().invoke(ctx)
         except FklipError as e:
             _error(f"fklip: error: {e}")
+            ctx.exit(e.exit_code)
+        except click.exceptions.NoArgsIsHelpError as e:  # `fklip data` alone: the group's help
+            click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message(), err=True)
             ctx.exit(e.exit_code)
         except click.UsageError as e:
             _error(_usage_line(e))
@@ -101,7 +107,6 @@ def _pending_command(name: str, what: str, issue: int) -> click.Command:
 
 for _name, (_what, _issue) in PENDING.items():
     cli.add_command(_pending_command(_name, _what, _issue))
-
 
 
 from fklip.cli import data, demo, evaluate, export, predict, train  # noqa: E402 (they need the group's module loaded)

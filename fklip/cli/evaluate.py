@@ -49,7 +49,6 @@ def extract(extract_image_feats, extract_text_feats, image_data, text_data, imag
         click.echo(f"{item['kind']} features: {item['count']} rows -> {', '.join(item['files'])}")
 
 
-
 @click.command("eval")
 @click.option("--image-data", type=click.Path(path_type=Path), required=True, help="Validation image archive (.npz).")
 @click.option("--text-data", type=click.Path(path_type=Path), required=True,

@@ -65,7 +65,6 @@ def export(checkpoint, out, onnx_, trt, precision, opt_batch, max_batch, int8, u
     click.echo(f"wrote {out} ({precision}); manifest {out / 'manifest.json'}")
 
 
-
 # ---------------------------------------------------------------- bench
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from fklip.data.jsonl import Id, id_key
 from fklip.errors import DataError, check_input_file, preview, raise_collected
@@ -179,7 +180,6 @@ class ImageArchive:
         """An empty (n, ...) torch tensor for n images in pinned host memory, in the archive's
         pixel dtype: `read_batch(ids, out=t.numpy())` fills it, and its copy to a GPU is then
         asynchronous (torch's caching host allocator recycles the block once that copy is done)."""
-        import torch
 
         dtype = torch.from_numpy(np.empty(0, self._members[self.ids[0]].dtype)).dtype
         return torch.empty((n, *self.image_shape), dtype=dtype, pin_memory=True)
@@ -356,7 +356,6 @@ def model_input_from_batch(batch, encoding: str, device=None, dtype=None):
 
     uint8 pixels travel to the device as uint8 (four times fewer bytes) and are normalised there.
     """
-    import torch
 
     x = torch.as_tensor(batch)
     if device is not None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fklip.data.jsonl import Id, id_key, warn_blank_lines
 from fklip.errors import (
@@ -122,7 +123,6 @@ def read_features(path: str | os.PathLike, *, expect: str | None = None, progres
     check_input_file(path, f"{what} (.jsonl, or .npy beside its .ids.jsonl)")
     if path.suffix == ".npy":
         return _read_npy(path, what)
-    from tqdm import tqdm
 
     with tqdm(total=path.stat().st_size, desc=f"read {path.name}", unit="B", unit_scale=True,
               disable=not progress) as bar:

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 from fklip.data import jsonl
+from fklip.data.archive import ImageArchive
+from fklip.data.features import npy_ids_path, read_features
 from fklip.errors import DataError, check_input_file
+from fklip.model import count_parameters, load_checkpoint
 
 IDS_SUFFIX = ".ids.jsonl"
 
@@ -21,7 +24,6 @@ def _records(reader: Callable[[Path], list]) -> Callable[[Path], str]:
 
 def _features(path: Path) -> str:
     """A feature file, JSON lines or .npy (with its ids file): rows, dim, dtype, id field."""
-    from fklip.data.features import npy_ids_path, read_features
 
     feats = read_features(path)
     form = f".npy with {npy_ids_path(path).name}" if path.suffix == ".npy" else "JSON lines"
@@ -30,7 +32,6 @@ def _features(path: Path) -> str:
 
 def _ids_file(path: Path) -> str:
     """The `<name>.ids.jsonl` of a .npy feature matrix: checked with its matrix."""
-    from fklip.data.features import read_features
 
     if not path.name.endswith(IDS_SUFFIX):
         raise DataError(f"{path}: the ids file of .npy features (its first line is their header) must be "
@@ -60,7 +61,6 @@ def describe(path: Path, trust: bool = False) -> str:
     """One line saying what `path` is and how much it holds; DataError when it is bad."""
     path = check_input_file(path, "a data file (.npz, .npy, JSON lines or a checkpoint)")
     if path.suffix == ".npz":
-        from fklip.data.archive import ImageArchive
 
         with ImageArchive(path) as archive:
             return (f"{path}: image archive, {len(archive)} images, {archive.encoding}, "
@@ -68,7 +68,6 @@ def describe(path: Path, trust: bool = False) -> str:
     if path.suffix == ".npy":
         return f"{path}: features, {_features(path)}"
     if path.suffix in (".pt", ".pth", ".bin"):
-        from fklip.model import count_parameters, load_checkpoint
 
         ckpt = load_checkpoint(path, trust=trust)
         epoch = "" if ckpt.epoch is None else f", epoch {ckpt.epoch}"
