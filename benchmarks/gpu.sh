@@ -41,7 +41,7 @@ esac
 TOWER_SECTIONS="topk:45 image:70 text:70"
 END_TO_END_SECTIONS="eval:140 train:120"
 OUT="${OUT:-/tmp/gpu-out}"
-read -r -a GPU_BENCH_ARGS <<< "${GPU_BENCH_ARGS:-}"  # e.g. "--device cpu --small --model fklip-tiny" for a dry run
+read -r -a GPU_BENCH_ARGS <<< "${GPU_BENCH_ARGS:-}"  # e.g. "--device cpu --small --model fklip-tiny" with TRITON_INTERPRET=1 for a dry run
 deadline=$((SECONDS + ${GPU_TOTAL_S:-285}))
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -250,7 +250,7 @@ def engine_variants(ckpt: Path, device: str, compiled: bool = False) -> dict:
 
 
 def image_section(cfg: GpuBenchConfig, tmp: Path) -> dict:
-    from engines import pipeline
+    from fklip import pipeline
     from fklip.data.archive import ImageArchive
 
     spec, model, ckpt = random_model(cfg.model, tmp)
@@ -328,7 +328,7 @@ def _ratios(rows: dict, key: str, lower_is_better: bool = False) -> None:
 
 
 def text_section(cfg: GpuBenchConfig, tmp: Path) -> dict:
-    from engines import pipeline
+    from fklip import pipeline
     from fklip.model import build_tokenizer
 
     spec, model, ckpt = random_model(cfg.model, tmp)
@@ -659,8 +659,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_bench: {e}", file=sys.stderr)
         return 2
     from fklip.io import atomic_output
-    if not cfg.cuda:  # the dry run: the Triton kernel in its interpreter
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not cfg.cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        print("gpu_bench: a dry run on the CPU runs the Triton kernel in its interpreter: set TRITON_INTERPRET=1 in the environment (Triton reads it when it is first imported, which importing fklip already does through open_clip)", file=sys.stderr)
+        return 2
     if cfg.cuda and not torch.cuda.is_available():
         print("gpu_bench: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 3

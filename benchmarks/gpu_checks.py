@@ -128,8 +128,9 @@ def main() -> int:
     parser.add_argument("--fklip-timeout-s", type=float, default=FKLIP_TIMEOUT_S,
                         help="each `fklip` subprocess's limit (a dry run on a loaded CPU needs more)")
     args = parser.parse_args()
-    if not args.device.startswith("cuda"):  # the dry run: the Triton kernel in its interpreter
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not args.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        print("gpu_checks: a dry run on the CPU runs the Triton kernel in its interpreter: set TRITON_INTERPRET=1 in the environment (Triton reads it when it is first imported, which importing fklip already does through open_clip)", file=sys.stderr)
+        return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_checks: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 3

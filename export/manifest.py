@@ -31,7 +31,7 @@ import numpy
 import open_clip
 import torch
 
-from export.specs import TensorSpec, Tolerance, TowerSpec
+from export.specs import FirstInputOutput, TensorSpec, Tolerance, TowerSpec
 from fklip import __version__
 from fklip.errors import ConfigError, DataError, raise_collected
 from fklip.io import atomic_output
@@ -156,7 +156,7 @@ class ParityReport(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TowerEntry(_Record):
+class TowerEntry(_Record, FirstInputOutput):
     """"towers.<tower>": one ONNX graph, what it takes and gives, and its parity."""
 
     file: str  # relative to the export folder
@@ -170,13 +170,6 @@ class TowerEntry(_Record):
     precision: str | None = field(default=None, metadata=_OPTIONAL)
     parity: ParityReport | None = field(default=None, metadata=_OPTIONAL)
 
-    @property
-    def input(self) -> TensorSpec:
-        return self.inputs[0]
-
-    @property
-    def output(self) -> TensorSpec:
-        return self.outputs[0]
 
 
 @dataclass(frozen=True, kw_only=True)

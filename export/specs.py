@@ -55,8 +55,23 @@ class TensorSpec:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
 
+class FirstInputOutput:
+    """`input` and `output`: the first of a tower's `inputs` and `outputs` (each has one)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input(self) -> TensorSpec:
+        return self.inputs[0]
+
+    @property
+    def output(self) -> TensorSpec:
+        return self.outputs[0]
+
+
 @dataclass(frozen=True)
-class TowerSpec:
+class TowerSpec(FirstInputOutput):
     """One exported tower: its graph file, inputs, outputs, and how to make inputs for it."""
 
     tower: str  # "image" | "text"
@@ -68,14 +83,6 @@ class TowerSpec:
     @property
     def file_name(self) -> str:
         return f"{self.tower}.onnx"
-
-    @property
-    def input(self) -> TensorSpec:
-        return self.inputs[0]
-
-    @property
-    def output(self) -> TensorSpec:
-        return self.outputs[0]
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """torch.onnx.export's `dynamic_axes`: every input and output, with its named axes."""

@@ -171,7 +171,7 @@ def test_int8_outside_its_tolerance_is_measured_without_it(monkeypatch, tmp_path
             raise ExportError("--int8: quantised graphs are outside tolerance; nothing was written")
         return {}
 
-    monkeypatch.setattr("export.pipeline.run_export", fake_export)
+    monkeypatch.setattr("engines.measure.run_export", fake_export)
     folders, facts = make_exports(tmp_path / "m.pt", tmp_path, ["fp16"], int8=True, batch=512)
     assert calls == [("fp32", True, False, False, 512), ("fp32", False, True, False, 512),
                      ("fp16", False, False, False, 512)]

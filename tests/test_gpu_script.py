@@ -11,7 +11,8 @@ import pytest
 from tests.conftest import HANG_S, ROOT
 
 # the scripts import this checkout's fklip, engines and export, as gpu.sh has them do
-SCRIPT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+SCRIPT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+              "TRITON_INTERPRET": "1"}  # the dry runs: the kernel in Triton's interpreter
 
 
 def test_gpu_checks_dry_run_on_cpu():
@@ -100,6 +101,7 @@ def _gpu_sh(mode: str, out, **env) -> subprocess.CompletedProcess:
     """benchmarks/gpu.sh on the CPU: gpu_bench.py's dry run (--device cpu --small, fklip-tiny)
     through the script's own step runner; this interpreter's python3 first on PATH."""
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "OUT": str(out),
+           "TRITON_INTERPRET": "1",
            "GPU_BENCH_ARGS": f"--device cpu --small --model fklip-tiny --eval-timeout-s {HANG_S // 10}", **env}
     # the script's own deadline (at most GPU_TOTAL_S) comes first
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), mode], capture_output=True, text=True,
