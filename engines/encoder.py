@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from engines.base import build_runner
-from export.manifest import ExportManifest, sha256_of
+from export.manifest import MANIFEST_NAME, ExportManifest, sha256_of
 from fklip.config import EncodeConfig
 from fklip.data.archive import ImageArchive
 from fklip.errors import ConfigError
@@ -84,3 +85,14 @@ class EngineEncoder:
     def encode_texts(self, texts: Sequence[str], out: np.ndarray | None = None,
                      progress: bool = False) -> np.ndarray:
         return encode_texts(self.runner, self.tokenizer, texts, self.enc.text_batch_size, out, progress)
+
+
+def encoder_inputs(enc: EncodeConfig) -> dict[str, list[Path]]:
+    """The files running `enc` reads (flag -> paths), for the outputs' checks: the checkpoint, and
+    every file of the export folder (an output there would change what the manifest hashes)."""
+    inputs = {"--resume": [enc.checkpoint] if enc.checkpoint is not None else []}
+    if enc.engine_dir is not None:
+        folder = Path(enc.engine_dir)
+        inputs["--engine-dir"] = [folder / MANIFEST_NAME, *(p for p in folder.rglob("*") if p.is_file())] \
+            if folder.is_dir() else []
+    return inputs

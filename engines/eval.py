@@ -20,7 +20,7 @@ import numpy as np
 import open_clip
 import torch
 
-from engines.encoder import EngineEncoder
+from engines.encoder import EngineEncoder, encoder_inputs
 from fklip import __version__
 from fklip.config import EvalConfig, SearchConfig, check_device
 from fklip.data.archive import ImageArchive
@@ -32,7 +32,7 @@ from fklip.distributed import (
     process_group,
     shard_range,
 )
-from fklip.errors import ConfigError
+from fklip.errors import ConfigError, DataError
 from fklip.io import OutputSet, check_outputs, owned_name, remove_leftovers, write_json
 from fklip.predict import (
     OUTPUT_NAMES,
@@ -117,7 +117,7 @@ def check_eval_outputs(cfg: EvalConfig) -> dict[str, Path]:
                           f"{', ...' if len(there) > 3 else ''} of an earlier evaluation; pass --overwrite "
                           "to replace them, or choose another folder")
     inputs = {"--image-data": cfg.image_data, "--text-data": cfg.text_data,
-              "--image-standard-path": cfg.image_standard_path, "--resume": cfg.encode.checkpoint}
+              "--image-standard-path": cfg.image_standard_path, **encoder_inputs(cfg.encode)}
     check_outputs(outputs, inputs, overwrite=True)
     return outputs
 
@@ -129,10 +129,22 @@ def run_eval(cfg: EvalConfig) -> dict | None:
     (cuda:LOCAL_RANK under torchrun).
     The outputs are checked before any work, claimed by rank 0 for the run (a second evaluation
     into the same files stops at once), and appear together at the end, or not at all.
+    A gold key without a prediction writes the original's failure JSON with the other outputs
+    (no metrics.json), then raises DataError, as `fklip predict` does.
     """
     outputs = check_eval_outputs(cfg)
     with process_group(cfg.encode.device) as ctx, OutputSet(outputs.values() if ctx.is_main else []) as staged:
-        return _run(cfg, ctx, staged)
+        result = _run(cfg, ctx, staged)
+    if isinstance(result, ScoreFailures):
+        raise DataError("; ".join(result.messages))
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreFailures:
+    """Gold keys without predictions: the failure JSONs are staged, the messages raised after."""
+
+    messages: list[str]
 
 
 def rank_search_config(search: SearchConfig, ctx: DistContext) -> SearchConfig:
@@ -208,10 +220,14 @@ def _run(cfg: EvalConfig, ctx: DistContext, staged: OutputSet) -> dict | None:
 
         write_predictions(target(OUTPUT_NAMES["text_predictions"]), "query_id", text_ids, image_ids, t2i)
         write_predictions(target(OUTPUT_NAMES["image_predictions"]), "image_id", image_ids, text_ids, i2t)
-        t2i_result = write_score(target(OUTPUT_NAMES["text_score"]), text_gold, text_keys, image_keys, t2i,
-                                 shown=out / OUTPUT_NAMES["text_score"])
-        i2t_result = write_score(target(OUTPUT_NAMES["image_score"]), image_gold, image_keys, text_keys, i2t,
-                                 shown=out / OUTPUT_NAMES["image_score"])
+        results, failures = {}, []
+        for name, gold, query_keys, gallery_keys, indices in (("text_score", text_gold, text_keys, image_keys, t2i),
+                                                              ("image_score", image_gold, image_keys, text_keys, i2t)):
+            try:
+                results[name] = write_score(target(OUTPUT_NAMES[name]), gold, query_keys, gallery_keys, indices,
+                                            shown=out / OUTPUT_NAMES[name])
+            except DataError as e:  # the original's failure JSON is staged; the error comes after the commit
+                failures.append(str(e))
         if cfg.save_features != "none":
             ext = "jsonl" if cfg.save_features == "jsonl" else "npy"
             write_features(out / f"image_features.{ext}", image_ids, image_emb, id_field="image_id",
@@ -220,8 +236,10 @@ def _run(cfg: EvalConfig, ctx: DistContext, staged: OutputSet) -> dict | None:
                            fmt=cfg.save_features, staged=staged)
         del image_emb, text_emb, image_in, text_in  # memory-mapped ones: closed before their folder goes
     t_write = time.perf_counter() - t0
+    if failures:
+        return ScoreFailures(failures)
 
-    t2i_summary, i2t_summary = recall_summary(t2i_result), recall_summary(i2t_result)
+    t2i_summary, i2t_summary = recall_summary(results["text_score"]), recall_summary(results["image_score"])
     metrics = {
         "text_to_image": t2i_summary,
         "image_to_text": i2t_summary,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from engines.encoder import EngineEncoder
+from engines.encoder import EngineEncoder, encoder_inputs
 from fklip.config import ExtractConfig, check_device
 from fklip.data.archive import ImageArchive
 from fklip.data.features import npy_ids_path, write_features
@@ -45,7 +45,7 @@ def run_extract(cfg: ExtractConfig) -> list[dict]:
     device = check_device(cfg.encode.device)
     outputs = output_paths(cfg)
     check_outputs(outputs, {"--image-data": cfg.image_data, "--text-data": cfg.text_data,
-                            "--resume": cfg.encode.checkpoint}, overwrite=cfg.overwrite)
+                            **encoder_inputs(cfg.encode)}, overwrite=cfg.overwrite)
     # read and check every input before the slow work, so a bad file fails at once
     queries = None
     if cfg.text_data is not None:

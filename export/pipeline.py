@@ -11,6 +11,7 @@ checking an engine needs a runner, and export/ imports nothing from engines/.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -48,7 +49,7 @@ from fklip.data.archive import (
 )
 from fklip.data.jsonl import read_text_queries
 from fklip.errors import ConfigError, raise_collected
-from fklip.io import staged_folder
+from fklip.io import foreign_files, staged_folder
 from fklip.model import build_tokenizer, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def run_export(cfg: ExportConfig, build_engines: EngineBuilder | None = None) ->
                                     "--parity-texts": cfg.parity_texts})
     # built in a hidden folder beside --out (claimed: a second export there stops at once) and
     # swapped into place when every check passed
-    with staged_folder(cfg.out) as tmp:
+    with staged_folder(cfg.out, recheck=lambda: _refuse_foreign(cfg.out)) as tmp:
         ckpt = load_checkpoint(cfg.checkpoint, model_name=cfg.model, truncation=cfg.truncation,
                                trust=cfg.trust_checkpoint)
         spec = ckpt.spec
@@ -117,7 +118,8 @@ def run_export(cfg: ExportConfig, build_engines: EngineBuilder | None = None) ->
 
 
 def _check_out(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
-    """--out is new, empty, or (with --overwrite) an earlier export holding none of the inputs."""
+    """--out is new, empty, or (with --overwrite) an earlier export holding nothing else and none
+    of the inputs."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -131,6 +133,25 @@ def _check_out(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> No
         if inside:
             raise ConfigError(f"--out {out}: replacing it would remove the input {inside[0]}; copy it "
                               "elsewhere or export into another folder")
+        _refuse_foreign(out)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """The files of `out` an export did not write (its manifest lists its graphs; the TensorRT
+    engines and timing caches are under engines/) would be lost by replacing it: refused."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    own: list[str] = []
+    if (out / MANIFEST_NAME).is_file():
+        doc = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        own = [MANIFEST_NAME] + [entry["file"] for section in ("towers", "int8", "trt")
+                                 for entry in (doc.get(section) or {}).values()
+                                 if isinstance(entry, dict) and isinstance(entry.get("file"), str)]
+    foreign = foreign_files(out, own, own_folders=["engines"])
+    if foreign:
+        raise ConfigError(f"--out {out}: holds files the export did not write ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); fklip replaces only what it made: move them, "
+                          "or export into another folder")
 
 
 def _trt_preflight() -> dict:

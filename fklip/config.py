@@ -284,6 +284,9 @@ class TrainConfig:
     overwrite: bool = False  # a new run in an existing run folder replaces what it holds
 
     def __post_init__(self) -> None:
+        if self.name is not None and (self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name):
+            raise ConfigError(f"--name: expected a folder name (no '/', not '.' or '..'), got {self.name!r}; "
+                              "the run folder is --logs/--name")
         check_positive(self.batch_size, "--batch-size")
         check_positive(self.eval_batch_size, "--eval-batch-size")
         check_positive(self.epochs, "--epochs")

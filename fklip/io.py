@@ -25,7 +25,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.fklip-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]+"
                        r"\.(?P<kind>tmp|partial|old)(?:\.[^.]*)?$")
+_CLAIM = re.compile(r"^\.(?P<name>.+)\.fklip-claim$")
 _LEGACY = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")  # export folders of fklip <= 0.1
 
 
@@ -43,6 +44,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def is_leftover(name: str) -> bool:
+    """Whether `name` is one of fklip's owned temporaries (`.NAME.fklip-HOST-PID-RAND.KIND`) or
+    claims (`.NAME.fklip-claim`)."""
+    return bool(_LEFTOVER.match(name)) or (name.startswith(".") and name.endswith(".fklip-claim"))
 
 
 def owned_name(path: Path, kind: str) -> Path:
@@ -112,18 +119,33 @@ def _remove_leftovers(folder: Path, name: str | None) -> list[Path]:
 _WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
+def user_path(path: Path | str) -> Path | str:
+    """`path` with every staging name in it (`.NAME.fklip-HOST-PID-RAND.tmp...`) shown as the
+    output it stands for (NAME): what messages name."""
+    if not isinstance(path, Path):
+        return path
+
+    def shown(part: str) -> str:
+        while (m := _LEFTOVER.match(part) or _CLAIM.match(part)) is not None:  # a staging file's own temporary too
+            part = m["name"]
+        return part
+
+    parts = [shown(part) for part in path.parts]
+    return Path(*parts) if parts else path
+
+
 def output_error(path: Path | str, e: OSError) -> OutputError:
     """One line for a failed write: the path (or what it was, in words) and the cause (full disk,
     read-only, not a folder). A staging file's name is shown as the output it stands for."""
-    where = Path(e.filename) if getattr(e, "filename", None) else path
+    path = user_path(path)
+    where = user_path(Path(e.filename)) if getattr(e, "filename", None) else path
     hints = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
              errno.EPERM: "permission denied", errno.ENOTDIR: "a parent of it is a file, not a folder",
              errno.EFBIG: "the file is too large for this file system or limit",
              errno.EISDIR: "it is a folder"}
     cause = hints.get(e.errno, e.strerror or str(e))
-    staging = isinstance(path, Path) and str(where).startswith(str(path.parent / f".{path.name}"))
-    shown = path if where == path or staging else where
+    shown = where
     return OutputError(f"cannot write {shown}: {cause}; nothing was written")
 
 
@@ -197,6 +219,22 @@ def write_json(path: str | os.PathLike, obj: object, indent: int | None = 2) -> 
 
 
 # ---------------------------------------------------------------- checks before any work
+
+
+def foreign_files(folder: Path, own: Iterable[str], own_folders: Iterable[str] = ()) -> list[str]:
+    """The files under `folder` (relative POSIX paths, sorted) that are neither one of `own`
+    (relative paths a command wrote there), nor under one of `own_folders`, nor fklip's own
+    temporaries: what replacing `folder` whole would lose."""
+    own, trees = set(own), tuple(f"{f.rstrip('/')}/" for f in own_folders)
+    found = []
+    for path in sorted(Path(folder).rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            continue
+        if rel in own or rel.startswith(trees) or any(is_leftover(part) for part in path.relative_to(folder).parts):
+            continue
+        found.append(rel)
+    return found
 
 
 def _identity(path: Path) -> tuple:
@@ -382,16 +420,20 @@ class OutputSet:
                     os.replace(target, backup)
                 done.append((target, backup))
                 os.replace(tmp, target)
-        except OSError as e:
+        except BaseException as e:  # a failed rename, or an interrupt between two: put back what was there
             for target, backup in reversed(done):
                 try:
-                    if backup is not None:
-                        os.replace(backup, target)
+                    if os.path.isdir(target) and not os.path.islink(target):
+                        shutil.rmtree(target)
                     else:
                         target.unlink(missing_ok=True)
+                    if backup is not None:
+                        os.replace(backup, target)
                 except OSError:
                     logger.error("%s: could not be put back after a failed write", target)
-            raise output_error(current, e) from None
+            if isinstance(e, OSError):
+                raise output_error(current, e) from None
+            raise
         for _, backup in done:
             if backup is not None:
                 try:
@@ -408,11 +450,18 @@ class OutputSet:
 
 
 @contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
+def staged_folder(out: Path, flag: str = "--out", recheck: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield an empty hidden folder beside `out`; on a clean exit it replaces `out` whole (an
     earlier `out` is removed only after the swap). On an exception it is removed and `out` is
-    left as it was. `out` is claimed for the block."""
+    left as it was. `out` is claimed for the block; `recheck` (the caller's check of what `out`
+    holds) runs again just before the swap, so files put there meanwhile are not swapped away.
+    `out` may not be the working folder or hold it (a folder cannot be swapped out from under
+    its own processes): ConfigError before any work."""
     out = Path(out)
+    here = Path.cwd().resolve()
+    if here == out.resolve() or out.resolve() in here.parents:
+        raise ConfigError(f"{flag} {out} is the current folder or holds it; fklip builds {flag} beside it and "
+                          "swaps it into place: give a new folder (for example a subfolder)")
     with OutputSet([out]) as outputs:
         tmp = outputs.path(out)
         try:
@@ -421,6 +470,8 @@ def staged_folder(out: Path) -> Iterator[Path]:
             raise output_error(out, e) from None
         try:
             yield tmp
+            if recheck is not None:
+                recheck()
         except OSError as e:
             raise output_error(out, e) from None
 

@@ -17,11 +17,13 @@ import resource
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from fklip.cli import cli
 from fklip.io import claim
+from tests.conftest import HANG_S, write_lines
 from tests.test_predict import make_case
 
 # ---------------------------------------------------------------- helpers
@@ -184,12 +186,86 @@ def test_export_and_train_overwrite_never_remove_an_input(tmp_path, tiny_checkpo
     refused(tmp_path, ["export", tiny_checkpoint, "--out", out, "--overwrite", "--parity-texts", inside],
             "would remove the input --parity-texts")
     run = tmp_path / "logs" / "r"
-    run.mkdir(parents=True)
-    data = run / "train.jsonl"
-    data.write_bytes(small_demo.train_queries.read_bytes())
-    refused(tmp_path, ["train", "--train-data", data, "--train-img", small_demo.train_images, "--logs",
-                       tmp_path / "logs", "--name", "r", "--overwrite"], "would remove the run folder",
-            "--train-data")
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "params.json").write_text("{}")
+    weights = run / "checkpoints" / "init.pt"  # weights to start from (not a training checkpoint)
+    weights.write_bytes(tiny_checkpoint.read_bytes())
+    refused(tmp_path, ["train", "--train-data", small_demo.train_queries, "--train-img", small_demo.train_images,
+                       "--resume", weights, "--logs", tmp_path / "logs", "--name", "r", "--overwrite"],
+            "would remove the run folder", "--resume")
+
+
+def test_overwrite_never_takes_what_fklip_did_not_make(tmp_path, tiny_checkpoint, small_demo):
+    """--overwrite replaces an earlier output of the same command, never files beside it."""
+    small = ["--train", 8, "--val", 4, "--kb", 8, "--size", 32]
+    out = tmp_path / "d"
+    assert invoke("data", "demo", "--out", out, *small).exit_code == 0
+    (out / "fashiongen" / "val" / "val.32.img_feat.jsonl").write_text("my features\n")  # extract's default name
+    refused(tmp_path, ["data", "demo", "--out", out, *small[:-1], 48, "--overwrite"],
+            "holds files that are not the demo dataset", "val.32.img_feat.jsonl")
+    exp = tmp_path / "exp"
+    assert invoke("export", tiny_checkpoint, "--out", exp).exit_code == 0
+    (exp / "notes.txt").write_text("mine")
+    refused(tmp_path, ["export", tiny_checkpoint, "--out", exp, "--overwrite"], "holds files the export did not write",
+            "notes.txt")
+    refused(tmp_path, ["extract", "--engine", "onnx", "--engine-dir", exp, "--extract-text-feats", "--text-data",
+                       small_demo.val_queries, "--text-feat-output-path", exp / "manifest.json", "--overwrite"],
+            "is also the input --engine-dir")
+    logs = tmp_path / "logs"
+    (logs / "mine").mkdir(parents=True)
+    (logs / "mine" / "thesis.txt").write_text("mine")
+    train = ["train", "--train-data", small_demo.train_queries, "--train-img", small_demo.train_images, "--logs", logs]
+    for extra in ([], ["--overwrite"]):
+        refused(tmp_path, [*train, "--name", "mine", *extra], "is not an fklip run folder", "thesis.txt")
+    for name in (".", "..", "a/b"):
+        refused(tmp_path, [*train, "--name", name, "--overwrite"], "--name: expected a folder name")
+
+
+def test_a_folder_output_cannot_be_the_working_folder(tmp_path):
+    (tmp_path / "here").mkdir()
+    before = snapshot(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "fklip", "data", "demo", "--out", ".", "--train", "8", "--val",
+                             "4", "--kb", "8", "--size", "32"], cwd=tmp_path / "here", capture_output=True,
+                            text=True, timeout=HANG_S, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode == 2
+    one_line(result.stderr, "--out . is the current folder")
+    assert snapshot(tmp_path) == before
+
+
+def test_eval_writes_the_failure_json_as_predict_does(tmp_path, tiny_checkpoint, small_demo):
+    gold = [json.loads(line) for line in small_demo.val_gold.read_text().splitlines()]
+    extra = write_lines(tmp_path / "gold.jsonl", [*gold, {"image_id": "not-an-image", "item_ids": [gold[0]["item_ids"][0]]}])
+    out = tmp_path / "e"
+    result = invoke("eval", "--resume", tiny_checkpoint, "--image-data", small_demo.val_images, "--text-data",
+                    small_demo.val_queries, "--image-standard-path", extra, "--output-dir", out)
+    assert result.exit_code == 2
+    one_line(result.output, "gold key 'not-an-image' has no prediction", "fashion_image_output.json")
+    assert json.loads((out / "fashion_image_output.json").read_text())["errorDetail"] == "not-an-image"
+    assert (out / "test_txts_predictions.jsonl").is_file() and not (out / "metrics.json").exists()
+
+
+def test_an_interrupted_commit_puts_every_output_back(tmp_path, monkeypatch):
+    import fklip.io
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("old a")
+    b.write_text("old b")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:  # a moved aside, the new a in place; then Ctrl-C while b is moved aside
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    with pytest.raises(KeyboardInterrupt):
+        with fklip.io.OutputSet([a, b]) as outputs:
+            outputs.path(a).write_text("new a")
+            outputs.path(b).write_text("new b")
+            monkeypatch.setattr(fklip.io.os, "replace", replace)
+    monkeypatch.undo()
+    assert (a.read_text(), b.read_text()) == ("old a", "old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 
 # ---------------------------------------------------------------- 3. write failures
@@ -226,7 +302,8 @@ def _full_disk_run(tmp_path, args_for, need: int):
         before = snapshot(tmp_path)
         result = fklip(*args_for(disk), limit_file_bytes=None if mounted else small)
         assert result.returncode == 2, result.stderr
-        one_line(result.stderr, "cannot write", "nothing was written")
+        line = one_line(result.stderr, "cannot write", "nothing was written")
+        assert ".fklip-" not in line  # the output's own path, never a staging name
         assert snapshot(tmp_path) == before  # no half-written outputs, no temporaries, no claims
     finally:
         if mounted:
@@ -353,6 +430,91 @@ def test_nan_stop_and_finished_resume_say_what_to_do(tmp_path, small_demo, monke
     assert done.exit_code == 0, done.output
     finished = invoke(*args, "--resume", tmp_path / "nan" / "checkpoints" / "epoch_1.pt")
     assert finished.exit_code == 0 and "nothing to train" in finished.output and "larger --epochs" in finished.output
+
+
+# ---------------------------------------------------------------- 2. one reader per file kind, one set of rules
+
+
+def test_duplicates_and_broken_rows_are_refused_everywhere(case, tiny_checkpoint, small_demo):
+    """The same file is judged the same by every command that reads it."""
+    queries = [json.loads(line) for line in (case / "val_queries.jsonl").read_text().splitlines()]
+    dup_queries = write_lines(case / "dup_q.jsonl", [*queries, {**queries[0], "item_ids": queries[1]["item_ids"]}])
+    images = [json.loads(line) for line in (case / "val_images.jsonl").read_text().splitlines()]
+    dup_images = write_lines(case / "dup_i.jsonl", [*images, images[0]])
+    refused(case, predict_args(case) + ["--text-standard-path", dup_queries], "duplicate query_id")
+    refused(case, predict_args(case) + ["--image-standard-path", dup_images], "duplicate image_id")
+    refused(case, ["data", "inspect", dup_queries], "duplicate query_id")
+    refused(case, ["data", "inspect", dup_images], "duplicate image_id")
+    demo_gold = [json.loads(line) for line in small_demo.val_gold.read_text().splitlines()]
+    eval_gold = write_lines(case / "eval_gold.jsonl", [*demo_gold, demo_gold[-1]])
+    refused(case, ["eval", "--resume", tiny_checkpoint, "--image-data", small_demo.val_images, "--text-data",
+                   small_demo.val_queries, "--image-standard-path", eval_gold, "--output-dir", case / "e"],
+            "duplicate image_id")
+    train = [json.loads(line) for line in small_demo.train_queries.read_text().splitlines()]
+    dup_train = write_lines(case / "dup_train.jsonl", [*train, train[0]])
+    refused(case, ["train", "--train-data", dup_train, "--train-img", small_demo.train_images, "--logs",
+                   case / "logs", "--name", "r"], "duplicate query_id")
+    feats = (case / "img.jsonl").read_text().splitlines()
+    zero = json.loads(feats[3])
+    (case / "zero.jsonl").write_text("\n".join([*feats[:3], json.dumps({**zero, "feature": [0.0] * 8}),
+                                                 *feats[4:]]) + "\n")
+    refused(case, predict_args(case) + ["--image-feats", case / "zero.jsonl"], "zero.jsonl", "only zeros on 1 line: 4")
+
+
+# ---------------------------------------------------------------- 6. messages
+
+
+def test_inputs_that_are_not_files_are_named_so(case, tiny_checkpoint):
+    (case / "adir").mkdir()
+    refused(case, predict_args(case) + ["--text-feats", case / "adir"], "adir: is a directory")
+    refused(case, ["extract", "--extract-text-feats", "--text-data", "/dev/null", "--resume", tiny_checkpoint,
+                   "--text-feat-output-path", case / "t.jsonl"], "/dev/null: is not a regular file")
+
+
+def test_a_nan_image_names_the_archive_and_the_id(case, tiny_checkpoint, small_demo):
+    with np.load(small_demo.val_images) as npz:
+        images = {key: npz[key] for key in npz.files}
+    bad = list(images)[2]
+    images[bad] = np.full_like(images[bad], np.nan)
+    np.savez(case / "nan.npz", **images)
+    refused(case, ["extract", "--extract-image-feats", "--image-data", case / "nan.npz", "--resume", tiny_checkpoint,
+                   "--image-feat-output-path", case / "f.jsonl"],
+            "nan.npz", f"image '{bad}' gives non-finite features (its pixels hold NaN or inf)")
+
+
+def test_a_pickle_that_runs_code_names_trust_checkpoint(case, tiny_model):
+    import torch
+
+    class Shell:
+        def __reduce__(self):
+            return os.system, (f"echo pwned > {case / 'PWNED'}",)
+
+    torch.save({"epoch": 1, "state_dict": tiny_model.state_dict(), "args": Shell()}, case / "evil.pt")
+    line = refused(case, ["data", "inspect", case / "evil.pt"], "--trust-checkpoint")
+    assert "not a PyTorch checkpoint" not in line and not (case / "PWNED").exists()
+
+
+def test_inspect_checks_every_file(case, small_demo):
+    (case / "bad.jsonl").write_text("{oops\n")
+    before = snapshot(case)
+    result = fklip("data", "inspect", small_demo.val_queries, case / "bad.jsonl", case / "img.jsonl")
+    assert result.returncode == 2 and snapshot(case) == before
+    assert "val queries" in result.stdout and "features, JSON lines, 40 rows" in result.stdout  # the good ones
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("fklip: error:")]
+    assert len(errors) == 2 and "bad.jsonl, line 1: malformed JSON" in errors[0] and "1 of 3 files are bad" in errors[1]
+
+
+# ---------------------------------------------------------------- 7. models that look alike
+
+
+def test_a_plain_state_dict_says_which_activation_it_got(case, tiny_model, small_demo):
+    import torch
+
+    torch.save(tiny_model.state_dict(), case / "plain.pt")
+    result = fklip("extract", "--extract-text-feats", "--text-data", small_demo.val_queries, "--resume",
+                   case / "plain.pt", "--model", "fklip-tiny", "--text-feat-output-path", case / "t.jsonl")
+    assert result.returncode == 0, result.stderr
+    assert "plain state dict does not record its activation" in result.stderr
 
 
 # ---------------------------------------------------------------- 6. click's usage errors

@@ -37,7 +37,7 @@ from fklip.data.garments import (
     draw_garment,
 )
 from fklip.errors import ConfigError, DataError, raise_collected
-from fklip.io import staged_folder, write_json, write_jsonl
+from fklip.io import foreign_files, staged_folder, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -294,37 +294,55 @@ def settings(cfg: DemoDataConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "out"}
 
 
+def _not_the_dataset(out: Path) -> list[str]:
+    """The files under `out` that are not the demo dataset's (its demo.json lists them)."""
+    manifest = load_demo_manifest(out)
+    own = ["demo.json", *manifest.get("files", {}).values()] if manifest is not None else []
+    return foreign_files(out, own)
+
+
+def _refuse_foreign(out: Path) -> None:
+    foreign = _not_the_dataset(out) if out.is_dir() else []
+    if foreign:
+        raise ConfigError(f"--out {out} holds files that are not the demo dataset ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); fklip replaces only what it made: move them, "
+                          "or choose another folder")
+
+
 def check_demo_out(cfg: DemoDataConfig, overwrite: bool = False) -> bool:
     """Whether `cfg.out` already holds this very dataset (True: nothing to do). A folder that does
     not exist or is empty is fine (False); a demo dataset of other settings is replaced only with
-    `overwrite`; anything else is refused, `overwrite` or not: fklip replaces only what it made."""
+    `overwrite`, and only when it holds nothing else; anything else is refused, `overwrite` or
+    not: fklip replaces only what it made."""
     out = cfg.out
     if not out.exists():
         return False
     if not out.is_dir():
         raise ConfigError(f"--out {out} is a file; expected a folder for the demo dataset")
     manifest = load_demo_manifest(out)
-    if manifest is not None:
-        if manifest.get("config") == settings(cfg):
-            return True
-        if overwrite:
-            return False
+    if manifest is None:
+        if any(out.iterdir()):
+            raise ConfigError(f"--out {out} is not empty and holds no demo dataset (no demo.json); fklip replaces "
+                              "only what it made: choose an empty or new folder")
+        return False
+    if manifest.get("config") == settings(cfg):
+        return True
+    if not overwrite:
         theirs = manifest.get("config") or {}
         diff = ", ".join(f"{k} {theirs.get(k)!r} (asked {v!r})" for k, v in settings(cfg).items()
                          if theirs.get(k) != v)
         raise ConfigError(f"--out {out} holds a demo dataset made with other settings ({diff}); pass --overwrite "
                           "to replace it, or choose another folder")
-    if any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty and holds no demo dataset (no demo.json); fklip replaces "
-                          "only what it made: choose an empty or new folder")
+    _refuse_foreign(out)
     return False
 
 
 def generate_demo(cfg: DemoDataConfig, progress: bool = False) -> DemoPaths:
     """Generate the demo dataset at `cfg.out` and return its paths. It is built in a hidden folder
     beside `cfg.out` and swapped into place whole (replacing one there: see `check_demo_out` for
-    what a caller should check first), so an interrupted run leaves no partial dataset."""
-    with staged_folder(cfg.out) as tmp:
+    what a caller should check first; files that are not the dataset's are refused again just
+    before the swap), so an interrupted run leaves no partial dataset."""
+    with staged_folder(cfg.out, recheck=lambda: _refuse_foreign(cfg.out)) as tmp:
         _generate(dataclasses.replace(cfg, out=tmp), progress)
     return demo_paths(cfg.out, cfg.size)
 

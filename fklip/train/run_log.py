@@ -19,11 +19,12 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 from fklip.errors import ConfigError
-from fklip.io import claim, remove_leftovers_in, write_json
+from fklip.io import claim, is_leftover, remove_leftovers_in, write_json
 
 logger = logging.getLogger(__name__)
 
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+RUN_ENTRIES = {"params.json", "metrics.jsonl", "checkpoints", "tensorboard"}  # what a run folder holds
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -77,6 +78,10 @@ class RunLog:
             return
         if not run_dir.is_dir() or not any(run_dir.iterdir()):
             return
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and not is_leftover(p.name))
+        if foreign:  # fklip replaces only what it made, --overwrite or not
+            raise ConfigError(f"--name: {run_dir} is not an fklip run folder (it holds {', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); pick another --name")
         if self.overwrite:
             inside = [f"{flag} {p}" for flag, p in self.inputs if _inside(p, run_dir)]
             if inside:
